@@ -1,0 +1,3 @@
+from sfdabench.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,356 @@
+"""The contracts every plugin implements: methods, dataset adapters, metrics and SAM backends.
+
+A plugin module imports from here (and from ``sfdabench.nets`` / ``sfdabench.training`` for shared building
+blocks), never from the CLI, the run orchestration or another plugin. Each contract is small on purpose
+(the DomainBed lesson): the harness calls exactly the methods documented below and nothing else.
+
+Data flow of one run (see README, "Architecture")::
+
+    source_model = cached source checkpoint of (task, seed, architecture, hyper-parameters, data)
+    adapted      = Method(cfg.method).adapt(source_model, target_train, context)   # sees no target labels
+    metrics      = evaluate(adapted, target_test)                                   # per case x organ
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger("sfdabench")
+
+
+class SfdaBenchError(Exception):
+    """An error the user can fix: the CLI prints its message on one line and exits non-zero."""
+
+    exit_code = 1
+
+
+class UsageError(SfdaBenchError):
+    """Bad command-line input (unknown method, task, ...): exit code 2."""
+
+    exit_code = 2
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Case:
+    """One volume of a domain, already preprocessed to the task's frame.
+
+    ``image``: float32 (Z, H, W) in [0, 1]. ``label``: uint8 (Z, H, W) with 0 = background and
+    ``i + 1`` = ``task.organs[i]``, or None where labels are unknown. ``spacing``: (z, y, x) in mm of the
+    arrays as stored (after any in-plane resize), so surface distances can be reported in mm.
+    """
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray | None
+    spacing: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        if self.label is not None and self.label.shape != self.image.shape:
+            raise SfdaBenchError(
+                f"case {self.case_id}: image shape {self.image.shape} != label shape {self.label.shape}; "
+                "fix the dataset adapter or the input files")
+
+    @property
+    def num_slices(self) -> int:
+        return int(self.image.shape[0])
+
+
+def slice_to_input(image_slice: np.ndarray) -> torch.Tensor:
+    """(H, W) slice in [0, 1] -> (3, H, W) float tensor: the same slice replicated 3x (DFG, spec 1.3 step 8)."""
+    t = torch.from_numpy(np.ascontiguousarray(image_slice, dtype=np.float32))
+    return t.unsqueeze(0).expand(3, -1, -1).contiguous()
+
+
+class SliceDataset(torch.utils.data.Dataset):
+    """2D slices of a list of cases, in (case, slice) order.
+
+    Items are dicts with ``image`` (3, H, W), ``case_index`` and ``slice_index``; with ``labels=True``
+    also ``label`` (H, W) int64. Target-train data reaches a method only through
+    :class:`TargetImages`, which is built with ``labels=False`` and has no way to reach the labels.
+    """
+
+    def __init__(self, cases: Sequence[Case], labels: bool):
+        if labels and any(c.label is None for c in cases):
+            missing = [c.case_id for c in cases if c.label is None]
+            raise SfdaBenchError(f"cases without labels where labels are needed: {missing[:5]}")
+        self._images = [c.image for c in cases]
+        self._labels = [c.label for c in cases] if labels else None
+        self.index = [(ci, z) for ci, c in enumerate(cases) for z in range(c.num_slices)]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ci, z = self.index[i]
+        item = {"image": slice_to_input(self._images[ci][z]), "case_index": ci, "slice_index": z}
+        if self._labels is not None:
+            item["label"] = torch.from_numpy(self._labels[ci][z].astype(np.int64))
+        return item
+
+
+class TargetImages(SliceDataset):
+    """The unlabelled target-train split, as a method sees it: images, case ids and spacings only."""
+
+    def __init__(self, cases: Sequence[Case]):
+        super().__init__(cases, labels=False)
+        self.case_ids = [c.case_id for c in cases]
+        self.spacings = [c.spacing for c in cases]
+        self.shapes = [c.image.shape for c in cases]
+
+    def volume(self, case_index: int) -> np.ndarray:
+        """The (Z, H, W) image volume of one case (for 3D steps such as connectivity post-processing)."""
+        return self._images[case_index]
+
+
+# --------------------------------------------------------------------------------------------- SAM
+
+
+class SamBackend(abc.ABC):
+    """A promptable segmenter (SAM, MedSAM, LiteMedSAM, ...) used by SAM-guided methods.
+
+    ``embed`` runs the image encoder once per slice; ``decode`` runs the prompt encoder + mask decoder
+    for one box. Boxes are ``(x_min, y_min, x_max, y_max)`` in pixel indices of the slice as given to
+    ``embed`` (inclusive), the convention of spec 4.1. Masks come back at the slice's resolution.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    def __init__(self, cfg: Mapping[str, Any], device: torch.device):
+        self.cfg = cfg
+        self.device = device
+
+    @abc.abstractmethod
+    def embed(self, image: np.ndarray) -> "SamEmbedding":
+        """Encode a (H, W) slice with values in [0, 1]."""
+
+    @abc.abstractmethod
+    def decode(self, embedding: "SamEmbedding", box: Sequence[float]) -> np.ndarray:
+        """Bool (H, W) mask for one box prompt (before any largest-component filtering)."""
+
+    def features(self, embedding: "SamEmbedding") -> torch.Tensor:
+        """The image embedding as a (C, h, w) feature map, for feature-guided prompt search (MBS)."""
+        return embedding.features
+
+    def fingerprint(self) -> str:
+        """Identifies weights + preprocessing, so cached embeddings are never reused across backends."""
+        return self.name
+
+
+@dataclass
+class SamEmbedding:
+    """What ``SamBackend.embed`` returns: the encoder output plus what ``decode`` needs to map boxes back."""
+
+    features: torch.Tensor          # (C, h, w) image embedding
+    image_size: tuple[int, int]     # (H, W) of the slice given to embed
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ context
+
+
+class Context:
+    """What the harness lends a method during ``adapt``: device, seed, caches, progress, SAM, diagnostics.
+
+    Diagnostics (``pseudo_label_quality``) measure pseudo-labels against target-train ground truth that
+    the method never sees: the method passes its pseudo-labels in and gets nothing back, so ground truth
+    cannot influence a decision. Methods that declare ``uses_target_labels = True`` (the oracle, and label
+    diagnostics such as the box-prompt ceiling) may call ``target_train_labels``; they are marked as not
+    SFDA in every result row.
+    """
+
+    def __init__(self, *, device: torch.device, seed: int, cache_dir: Path, run_dir: Path,
+                 organs: Sequence[str], sam_factory: Callable[[], SamBackend] | None = None,
+                 label_oracle: Callable[[], list[np.ndarray]] | None = None,
+                 pseudo_label_scorer: Callable[[list[np.ndarray]], dict[str, float]] | None = None,
+                 allow_labels: bool = False, progress: bool = True):
+        self.device = device
+        self.seed = seed
+        self.cache_dir = Path(cache_dir)
+        self.run_dir = Path(run_dir)
+        self.organs = list(organs)
+        self.num_classes = len(self.organs) + 1
+        self.show_progress = progress
+        self.diagnostics: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}
+        self._sam_factory = sam_factory
+        self._sam: SamBackend | None = None
+        self._label_oracle = label_oracle
+        self._scorer = pseudo_label_scorer
+        self._allow_labels = allow_labels
+        self.log = log
+
+    # -- resources
+    @property
+    def sam(self) -> SamBackend:
+        """The configured SAM backend, built on first use (methods that never prompt SAM never load it)."""
+        if self._sam is None:
+            if self._sam_factory is None:
+                raise SfdaBenchError("this run has no SAM backend configured; set sam=<backend>")
+            self._sam = self._sam_factory()
+        return self._sam
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """A CPU torch.Generator seeded from the run seed (``offset`` separates independent streams)."""
+        return torch.Generator().manual_seed(self.seed * 1000003 + offset)
+
+    def progress(self, iterable: Iterable | None = None, **kwargs: Any) -> Any:
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, disable=not self.show_progress, leave=False, dynamic_ncols=True, **kwargs)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time a phase of the method; timings go into the run summary."""
+        start = time.perf_counter()
+        self.log.info("phase %s ...", name)
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+            self.log.info("phase %s done in %.1f s", name, self.timings[name])
+
+    # -- diagnostics and labels
+    def record(self, key: str, value: Any) -> None:
+        """Store a diagnostic value (JSON-serialisable) in the run summary."""
+        self.diagnostics[key] = value
+
+    def pseudo_label_quality(self, stage: str, volumes: list[np.ndarray]) -> dict[str, float]:
+        """Score target-train pseudo-label volumes (one (Z, H, W) array per case, in TargetImages order)
+        against the hidden ground truth; recorded under ``pseudo_label_dice/<stage>``. Measurement only."""
+        if self._scorer is None:
+            return {}
+        scores = self._scorer(volumes)
+        self.diagnostics.setdefault("pseudo_label_dice", {})[stage] = scores
+        return scores
+
+    def target_train_labels(self) -> list[np.ndarray]:
+        """Ground-truth target-train label volumes. Only for methods with ``uses_target_labels = True``."""
+        if not self._allow_labels or self._label_oracle is None:
+            raise SfdaBenchError("target-train labels are not available to source-free methods; a method "
+                                 "that needs them must declare uses_target_labels = True (and is not SFDA)")
+        return self._label_oracle()
+
+
+# ------------------------------------------------------------------------------------------ methods
+
+
+class Method(abc.ABC):
+    """An adaptation method: ``adapt(source_model, target_train, context) -> model``.
+
+    ``cfg`` is the method's config group (``configs/method/<name>.yaml``), including ``name``.
+    ``source_model`` is a fresh copy of the cached source checkpoint (the method may modify it);
+    it returns ``(features, logits)`` from ``forward``. The returned model is evaluated with ``eval()``
+    and the argmax of its logits.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    #: True only for upper bounds / diagnostics that read target labels; such rows are never SFDA.
+    uses_target_labels: ClassVar[bool] = False
+    #: How the returned model was chosen, for the leaderboard's ``selection`` column. sfdabench methods
+    #: train for a fixed budget and return the last model ("last"); none may select by target test metrics.
+    selection: ClassVar[str] = "last"
+    #: True if the method prompts ``context.sam``; the SAM backend then goes into the result rows.
+    uses_sam: ClassVar[bool] = False
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        self.cfg = cfg
+
+    def variant(self) -> str:
+        """Names the configuration variant (ablation switches) for the leaderboard's ``variant`` column."""
+        return "default"
+
+    @abc.abstractmethod
+    def adapt(self, source_model: nn.Module, target_train: TargetImages, context: Context) -> nn.Module:
+        """Return the adapted segmenter."""
+
+
+# -------------------------------------------------------------------------------------- datasets
+
+
+class DatasetAdapter(abc.ABC):
+    """Reads one dataset (a domain) and maps its native labels to the task's organ list.
+
+    ``cfg`` is the task's ``source``/``target`` block (dataset name, ``params``, ``splits``);
+    ``organs`` the task's organ names (labels ``1..len(organs)`` in that order).
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    def __init__(self, cfg: Mapping[str, Any], organs: Sequence[str], cache_dir: Path):
+        self.cfg = cfg
+        self.organs = list(organs)
+        self.cache_dir = Path(cache_dir)
+
+    def case_ids(self, split: str) -> list[str]:
+        """Case ids of a split named in the task config (``splits.<split>``)."""
+        splits = self.cfg.get("splits") or {}
+        if split not in splits:
+            raise SfdaBenchError(f"dataset {self.name}: the task config has no split '{split}' "
+                                 f"(has: {sorted(splits)}); add splits.{split} to the task config")
+        return [str(c) for c in splits[split]]
+
+    @abc.abstractmethod
+    def load_case(self, case_id: str) -> Case:
+        """Load and preprocess one case to the task frame."""
+
+    def fingerprint(self, case_ids: Sequence[str]) -> str:
+        """A string that changes whenever the data of these cases would change (for cache keys)."""
+        import json
+
+        params = self.cfg.get("params", {})
+        return json.dumps({"dataset": self.name, "params": _plain(params), "cases": list(case_ids)},
+                          sort_keys=True, default=str)
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+class Metric(abc.ABC):
+    """A per-organ volume metric: ``metric(pred, gt, spacing) -> float``.
+
+    ``pred``/``gt`` are bool (Z, H, W) masks of one organ; ``spacing`` is (z, y, x) in mm. Each metric
+    documents its behaviour on empty masks (see ``empty_policy``) and returns NaN where the value is
+    undefined under that policy (NaN values are left out of means and counted in the summary).
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    higher_is_better: ClassVar[bool] = True
+
+    def __init__(self, cfg: Mapping[str, Any] | None = None):
+        self.cfg = dict(cfg or {})
+
+    @property
+    def unit(self) -> str:
+        return ""
+
+    @abc.abstractmethod
+    def __call__(self, pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> float:
+        ...
+
+
+def _plain(obj: Any) -> Any:
+    """OmegaConf containers -> plain Python (for hashing and JSON)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return obj

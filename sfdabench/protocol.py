@@ -1,0 +1,273 @@
+"""The matched protocol: load a task, train or load the shared source checkpoint, run one method, evaluate,
+record. The harness names no method: it looks everything up in the plugin registry by the config's names.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from sfdabench import results
+from sfdabench.api import Case, Context, Method, SfdaBenchError, TargetImages, SliceDataset, _plain
+from sfdabench.evaluation import dice_per_organ, evaluate
+from sfdabench.nets import build_segmenter
+from sfdabench.plugins import Registry, get_registry
+from sfdabench.training import train_supervised
+
+log = logging.getLogger("sfdabench")
+
+#: Bump when metric code changes results; leaderboards refuse to merge rows of different versions.
+METRIC_VERSION = "1"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SfdaBenchError(f"device={name} was requested but CUDA is not available; use device=cpu or device=auto")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise SfdaBenchError(f"unknown device '{name}'; use device=auto, cpu or cuda[:N]")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def stable_hash(obj: Any, n: int = 12) -> str:
+    return hashlib.sha1(json.dumps(_plain(obj), sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+# ------------------------------------------------------------------------------------------- task
+
+
+@dataclass
+class Domain:
+    dataset: Any                      # a DatasetAdapter instance
+    splits: dict[str, list[Case]] = field(default_factory=dict)
+
+
+@dataclass
+class Task:
+    name: str
+    organs: list[str]
+    data_protocol: str
+    source: Domain
+    target: Domain
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.organs) + 1
+
+
+def load_task(task_cfg: Mapping[str, Any], registry: Registry, cache_dir: Path) -> Task:
+    """Instantiate the task's dataset adapters and load its four splits (source/target x train/test)."""
+    organs = list(task_cfg["organs"])
+    domains = {}
+    for side in ("source", "target"):
+        dcfg = task_cfg[side]
+        adapter = registry.get("datasets", dcfg["dataset"])(dcfg, organs, cache_dir)
+        domain = Domain(adapter)
+        for split in ("train", "test"):
+            domain.splits[split] = [adapter.load_case(cid) for cid in adapter.case_ids(split)]
+            if not domain.splits[split]:
+                raise SfdaBenchError(f"task {task_cfg['name']}: {side} split '{split}' is empty; "
+                                     f"list its cases under {side}.splits.{split}")
+        domains[side] = domain
+    return Task(task_cfg["name"], organs, str(task_cfg.get("data_protocol", "")), domains["source"],
+                domains["target"])
+
+
+# ---------------------------------------------------------------------------------- source model
+
+
+@dataclass
+class SourceCheckpoint:
+    model: nn.Module
+    key: str
+    path: Path
+    meta: dict[str, Any]
+
+
+def source_checkpoint(task: Task, source_cfg: Mapping[str, Any], seed: int, device: torch.device,
+                      cache_dir: Path, metrics: Mapping[str, Any], progress) -> SourceCheckpoint:
+    """The source model every method of (task, seed) starts from: trained once, cached by a hash of
+    (task, organs, source data, seed, architecture and hyper-parameters). Concurrent runs wait on a lock
+    instead of training the same model twice."""
+    adapter = task.source.dataset
+    data_fp = adapter.fingerprint(adapter.case_ids("train"))
+    key = stable_hash({"task": task.name, "organs": task.organs, "data": data_fp, "seed": seed,
+                       "source": _plain(source_cfg)})
+    path = Path(cache_dir) / "source" / f"{task.name}-seed{seed}-{key}.pt"
+    with results.locked(path):
+        if path.exists():
+            blob = torch.load(path, map_location="cpu", weights_only=False)
+            model = build_segmenter(source_cfg, task.num_classes)
+            model.load_state_dict(blob["state_dict"])
+            log.info("source model: cached %s", path)
+            return SourceCheckpoint(model, key, path, blob["meta"])
+        log.info("source model: training %s (cache key %s)", source_cfg.get("arch", "unet"), key)
+        seed_everything(seed)
+        model = build_segmenter(source_cfg, task.num_classes)
+        start = time.perf_counter()
+        losses = train_supervised(model, SliceDataset(task.source.splits["train"], labels=True), source_cfg,
+                                  device=device, generator=torch.Generator().manual_seed(seed),
+                                  progress=progress, desc="source training")
+        train_s = time.perf_counter() - start
+        # In-domain quality on the *source* test split: reported, never used to pick a checkpoint.
+        _, in_domain = evaluate(model, task.source.splits["test"], task.organs, {"dice": metrics["dice"]},
+                                device=device, progress=progress)
+        meta = {"key": key, "task": task.name, "seed": seed, "selection": "last", "train_seconds": train_s,
+                "final_loss": losses[-1] if losses else None,
+                "in_domain_dice": {k: float(v) for k, v in in_domain["dice"].items()}}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "meta": meta}, tmp)
+        os.replace(tmp, path)
+        log.info("source model: in-domain mean Dice %.4f, saved %s", meta["in_domain_dice"]["mean"], path)
+        return SourceCheckpoint(model.cpu(), key, path, meta)
+
+
+# ------------------------------------------------------------------------------------------- run
+
+
+def build_metrics(metrics_cfg: Mapping[str, Any], registry: Registry) -> dict[str, Any]:
+    opts = {k: v for k, v in _plain(metrics_cfg).items() if k != "names"}
+    return {name: registry.get("metrics", name)(opts) for name in metrics_cfg["names"]}
+
+
+def run_name(task: str, method: str, variant: str, seed: int, run_id: str) -> str:
+    return f"{task}__{method}__{variant}__seed{seed}__{run_id}"
+
+
+def execute(cfg: Mapping[str, Any], registry: Registry | None = None) -> dict[str, Any]:
+    """Run one (task, method, seed) under the protocol; returns the run summary."""
+    t_start = time.perf_counter()
+    registry = registry or get_registry()
+    plain = _plain(cfg)
+    seed = int(cfg["seed"])
+    device = resolve_device(str(cfg["device"]))
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg["num_threads"]))
+    results_dir, cache_dir = Path(cfg["results_dir"]), Path(cfg["cache_dir"])
+
+    method_cls: type[Method] = registry.get("methods", cfg["method"]["name"])
+    method = method_cls(cfg["method"])
+    variant = method.variant()
+    run_id = results.config_hash(plain)
+    run_dir = results_dir / "runs" / run_name(cfg["task"]["name"], method_cls.name, variant, seed, run_id)
+    if (run_dir / "done").exists() and not cfg.get("force", False):
+        log.info("run %s is already done (force=true to run it again): %s", run_id, run_dir)
+        return json.loads((run_dir / "summary.json").read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    results.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(plain, sort_keys=False))
+    plugins = {e.plugin: e.distribution for kind in registry.entries.values() for e in kind.values()}
+    results.write_json(run_dir / "environment.json", results.environment_record(plugins, str(device)))
+
+    metrics = build_metrics(cfg["metrics"], registry)
+    progress_enabled = bool(cfg.get("progress", True))
+    from tqdm.auto import tqdm
+
+    def progress(iterable=None, **kw):
+        return tqdm(iterable, disable=not progress_enabled, leave=False, dynamic_ncols=True, **kw)
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    task = load_task(cfg["task"], registry, cache_dir)
+    timings["load_data"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    source = source_checkpoint(task, cfg["source"], seed, device, cache_dir, metrics, progress)
+    timings["source_model"] = time.perf_counter() - t0
+
+    target_train = task.target.splits["train"]
+    context = Context(
+        device=device, seed=seed, cache_dir=cache_dir, run_dir=run_dir, organs=task.organs,
+        sam_factory=lambda: _build_sam(cfg["sam"], registry, device, cache_dir),
+        label_oracle=lambda: [c.label for c in target_train],
+        pseudo_label_scorer=lambda vols: dice_per_organ(vols, [c.label for c in target_train], task.organs),
+        allow_labels=method_cls.uses_target_labels, progress=progress_enabled)
+    seed_everything(seed)
+    t0 = time.perf_counter()
+    adapted = method.adapt(copy.deepcopy(source.model).to(device), TargetImages(target_train), context)
+    timings["adapt"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    per_case, table = evaluate(adapted, task.target.splits["test"], task.organs, metrics, device=device,
+                               batch_size=int(cfg["eval"]["batch_size"]), progress=progress)
+    timings["evaluate"] = time.perf_counter() - t0
+    runtime = time.perf_counter() - t_start
+
+    from sfdabench.metrics import empty_policy_tag
+
+    protocol = {
+        "task": task.name, "method": method_cls.name, "variant": variant, "seed": seed,
+        "asd_unit": metrics["asd"].unit if "asd" in metrics else "",
+        "empty_policy": empty_policy_tag(cfg["metrics"]), "selection": method_cls.selection,
+        "source_ckpt": source.key, "sfda": not method_cls.uses_target_labels,
+        "sam": _sam_tag(cfg["sam"]) if method.uses_sam else "",
+        "data_protocol": task.data_protocol, "n_cases": len(task.target.splits["test"]),
+        "config_hash": run_id, "run_id": run_id, "git_rev": results.git_revision(),
+        "sfdabench_version": results.version("sfdabench"), "metric_version": METRIC_VERSION,
+    }
+    per_case.insert(0, "run_id", run_id)
+    results.atomic_write_text(run_dir / "per_case.csv", per_case.to_csv(index=False))
+    summary = {
+        **protocol, "runtime_s": runtime, "finished_at": results.now_iso(),
+        "source": {"checkpoint": str(source.path), **source.meta},
+        "metrics": {organ: {k: _nan_to_none(v) for k, v in row.items()} for organ, row in table.iterrows()},
+        "timings": {**timings, **{f"adapt/{k}": v for k, v in context.timings.items()}},
+        "diagnostics": context.diagnostics, "run_dir": str(run_dir),
+    }
+    results.write_json(run_dir / "summary.json", summary)
+    rows = table.reset_index()[["organ"] + [m for m in ("dice", "asd", "hd95") if m in table.columns]]
+    for key, value in {**protocol, "runtime_s": round(runtime, 2), "finished_at": summary["finished_at"]}.items():
+        rows[key] = value
+    results.append_rows(results_dir / "leaderboard.csv", rows)
+    (run_dir / "done").write_text(summary["finished_at"] + "\n")
+    return summary
+
+
+def _build_sam(sam_cfg: Mapping[str, Any], registry: Registry, device: torch.device, cache_dir: Path):
+    from sfdabench.sam.cache import EmbeddingCache
+
+    backend = registry.get("sam", sam_cfg["name"])(sam_cfg, device)
+    return EmbeddingCache(backend, cache_dir)
+
+
+def _sam_tag(sam_cfg: Mapping[str, Any]) -> str:
+    """Backend name plus any non-default numerics, e.g. ``litemedsam:bf16``."""
+    precision = sam_cfg.get("precision", "fp32")
+    return sam_cfg["name"] + ("" if precision == "fp32" else f":{precision}")
+
+
+def _nan_to_none(v: Any) -> Any:
+    try:
+        return None if np.isnan(v) else float(v)
+    except TypeError:
+        return v
+
+
+def format_table(summary: Mapping[str, Any]) -> str:
+    """The per-organ table printed at the end of a run."""
+    table = pd.DataFrame(summary["metrics"]).T
+    cols = [c for c in ("dice", "asd", "hd95") if c in table.columns]
+    table = table[cols].astype(float)
+    head = (f"{summary['task']} | {summary['method']} ({summary['variant']}) | seed {summary['seed']} | "
+            f"ASD/HD95 in {summary['asd_unit']} | source ckpt {summary['source_ckpt']} | "
+            f"selection {summary['selection']}" + ("" if summary["sfda"] else " | NOT SFDA (uses target labels)"))
+    return head + "\n" + table.to_string(float_format=lambda v: f"{v:.4f}")

@@ -1,0 +1,36 @@
+"""Shared fixtures. Tests run the real CLI in subprocesses (as a user would) with tiny settings."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DATA_ENV = "SFDABENCH_SAMPLE_DATA"
+
+#: Overrides that make a phantom run take seconds: tiny U-Net (preset=test), few small cases.
+TINY_PHANTOM = [
+    "preset=test", "device=cpu", "num_threads=2",
+    "task.source.params.size=64", "task.target.params.size=64",
+    "task.source.splits.train=[0,1]", "task.source.splits.test=[8]",
+    "task.target.splits.train=[100,101]", "task.target.splits.test=[106]",
+]
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m sfdabench ARGS`` and return the completed process (text output)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "sfdabench", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def sample_data() -> Path:
+    """The real CHAOS/AMOS sample volumes (``$SFDABENCH_SAMPLE_DATA``, set by .ci/run)."""
+    root = os.environ.get(SAMPLE_DATA_ENV)
+    if not root or not Path(root).is_dir():
+        pytest.skip(f"real sample data not available: set {SAMPLE_DATA_ENV} to the shared data folder")
+    return Path(root)

@@ -1,0 +1,78 @@
+"""Plugins: a third-party package adds a method with no change to core code; broken plugins are reported."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import importlib.metadata as md
+import pandas as pd
+import pytest
+
+from conftest import REPO, TINY_PHANTOM, run_cli
+from sfdabench.api import SfdaBenchError
+from sfdabench.plugins import Registry
+
+
+@pytest.fixture(scope="module")
+def example_plugin(tmp_path_factory) -> Path:
+    """Install tests/plugin_example into a private folder (not into the test environment)."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(REPO / "tests" / "plugin_example")], check=True,
+                   capture_output=True, text=True)
+    return target
+
+
+def test_third_party_method_is_listed_and_runs(example_plugin, tmp_path):
+    env = {"PYTHONPATH": str(example_plugin)}
+    out = run_cli("list", "methods", cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    line = next(ln for ln in out.stdout.splitlines() if "example_bnstats" in ln)
+    assert "sfdabench-example-plugin 0.0.1" in line and "BatchNorm" in line
+
+    results = tmp_path / "res"
+    out = run_cli("run", "method=example_bnstats", f"results_dir={results}", *TINY_PHANTOM, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    board = pd.read_csv(results / "leaderboard.csv")
+    assert set(board["method"]) == {"example_bnstats"}
+
+
+def _broken_site(tmp_path: Path) -> Path:
+    """A fake installed distribution whose plugin module raises on import."""
+    site = tmp_path / "broken_site"
+    dist = site / "broken_plugin-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[sfdabench]\nbroken = broken_plugin_mod\n")
+    (site / "broken_plugin_mod.py").write_text("raise ImportError('needs libfoo, which is missing')\n")
+    return site
+
+
+def test_broken_plugin_is_reported_and_the_rest_works(tmp_path):
+    env = {"PYTHONPATH": str(_broken_site(tmp_path))}
+    out = run_cli("list", "methods", cwd=tmp_path, env=env)
+    assert out.returncode == 0
+    assert "source_only" in out.stdout
+    assert "failed plugin: broken (broken-plugin 1.0): ImportError: needs libfoo, which is missing" in out.stdout
+
+    out = run_cli("list", cwd=tmp_path, env={**env, "SFDABENCH_STRICT_PLUGINS": "1"})
+    assert out.returncode == 1
+    assert "plugin 'broken' (broken-plugin 1.0) failed to load" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_duplicate_names_are_refused():
+    ep = md.EntryPoint(name="a", value="sfdabench_methods.source_only", group="sfdabench")
+    ep2 = md.EntryPoint(name="b", value="sfdabench_methods.source_only", group="sfdabench")
+    # The same module registered under two plugin names contributes "source_only" twice.
+    with pytest.raises(SfdaBenchError, match="registered twice"):
+        Registry(entry_points=[ep, ep2])
+
+
+def test_registry_in_process_strict_mode():
+    ep = md.EntryPoint(name="ghost", value="no_such_module_xyz", group="sfdabench")
+    reg = Registry(entry_points=[ep], strict=False)
+    assert [f.plugin for f in reg.failures] == ["ghost"]
+    with pytest.raises(SfdaBenchError, match="plugin 'ghost'"):
+        Registry(entry_points=[ep], strict=True)
