@@ -222,7 +222,8 @@ def execute(cfg: Mapping[str, Any], registry: Registry | None = None) -> dict[st
         "sam": _sam_tag(cfg["sam"]) if method.uses_sam else "",
         "data_protocol": task.data_protocol, "n_cases": len(task.target.splits["test"]),
         "config_hash": run_id, "run_id": run_id, "git_rev": results.git_revision(),
-        "sfdabench_version": results.version("sfdabench"), "metric_version": METRIC_VERSION,
+        "sfdabench_version": results.version("sfdabench"),
+        "metric_version": f"{METRIC_VERSION};asd={cfg['metrics'].get('asd_reduction', 'union')}",
     }
     per_case.insert(0, "run_id", run_id)
     results.atomic_write_text(run_dir / "per_case.csv", per_case.to_csv(index=False))
