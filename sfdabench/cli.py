@@ -1,4 +1,4 @@
-"""The ``sfdabench`` command: ``run`` (Hydra), ``list``.
+"""The ``sfdabench`` command: ``run`` (Hydra), ``list``, ``prepare`` (real data, see sfdabench/prepare.py).
 
 ``sfdabench run method=<m> task=<t> seed=<n> [overrides]`` composes ``configs/run.yaml`` with the
 config groups of every plugin (Hydra search path) and runs one protocol run per job; ``-m`` gives a
@@ -22,6 +22,8 @@ commands:
   run [overrides]        run one method on one task (Hydra: method=<m> task=<t> seed=<n> device=auto|cpu|cuda)
                          add -m for a multirun sweep, e.g. sfdabench run -m method=source_only,oracle seed=0,1,2
   list [KIND]            list plugins: methods | tasks | datasets | metrics | sam (default: all)
+  prepare task=<t> [data.<dataset>.root=<dir>]
+                         preprocess a task's real data into the cache (run does it too when needed)
 """
 
 LIST_KINDS = {"methods": "methods", "tasks": "tasks", "datasets": "datasets", "metrics": "metrics", "sam": "sam"}
@@ -44,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, args = argv[0], argv[1:]
-    commands = {"run": cmd_run, "list": cmd_list}
+    commands = {"run": cmd_run, "list": cmd_list, "prepare": _cmd_prepare}
     if command not in commands:
         print(f"sfdabench: unknown command '{command}'; available: {', '.join(commands)}", file=sys.stderr)
         return 2
@@ -53,6 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SfdaBenchError as exc:
         print(f"sfdabench: error: {exc}", file=sys.stderr)
         return exc.exit_code
+
+
+def _cmd_prepare(args: Sequence[str]) -> int:
+    from sfdabench.prepare import cmd_prepare  # lazy: imports Hydra and the dataset readers
+
+    return cmd_prepare(list(args))
 
 
 # ------------------------------------------------------------------------------------------- list

@@ -173,6 +173,12 @@ def execute(cfg: Mapping[str, Any], registry: Registry | None = None) -> dict[st
     if (run_dir / "done").exists() and not cfg.get("force", False):
         log.info("run %s is already done (force=true to run it again): %s", run_id, run_dir)
         return json.loads((run_dir / "summary.json").read_text())
+    # Data and metrics first: a missing dataset or a bad metric setting stops before a run folder exists.
+    metrics = build_metrics(cfg["metrics"], registry)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    task = load_task(cfg["task"], registry, cache_dir)
+    timings["load_data"] = time.perf_counter() - t0
     run_dir.mkdir(parents=True, exist_ok=True)
     import yaml
 
@@ -180,17 +186,12 @@ def execute(cfg: Mapping[str, Any], registry: Registry | None = None) -> dict[st
     plugins = {e.plugin: e.distribution for kind in registry.entries.values() for e in kind.values()}
     results.write_json(run_dir / "environment.json", results.environment_record(plugins, str(device)))
 
-    metrics = build_metrics(cfg["metrics"], registry)
     progress_enabled = bool(cfg.get("progress", True))
     from tqdm.auto import tqdm
 
     def progress(iterable=None, **kw):
         return tqdm(iterable, disable=not progress_enabled, leave=False, dynamic_ncols=True, **kw)
 
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    task = load_task(cfg["task"], registry, cache_dir)
-    timings["load_data"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     source = source_checkpoint(task, cfg["source"], seed, device, cache_dir, metrics, progress)
     timings["source_model"] = time.perf_counter() - t0

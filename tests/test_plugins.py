@@ -62,12 +62,24 @@ def test_broken_plugin_is_reported_and_the_rest_works(tmp_path):
     assert "plugin 'broken' (broken-plugin 1.0) failed to load" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_duplicate_names_are_refused():
-    ep = md.EntryPoint(name="a", value="sfdabench_methods.source_only", group="sfdabench")
-    ep2 = md.EntryPoint(name="b", value="sfdabench_methods.source_only", group="sfdabench")
-    # The same module registered under two plugin names contributes "source_only" twice.
-    with pytest.raises(SfdaBenchError, match="registered twice"):
-        Registry(entry_points=[ep, ep2])
+def test_duplicate_names_are_refused(tmp_path, monkeypatch):
+    """A third-party plugin that registers a name a built-in already uses is refused with both names."""
+    (tmp_path / "copycat_plugin.py").write_text(textwrap.dedent("""
+        from sfdabench import hookimpl
+        from sfdabench_methods.source_only import SourceOnly
+
+        class Copycat(SourceOnly):
+            pass
+
+        @hookimpl
+        def sfdabench_methods():
+            return [Copycat]
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    eps = [md.EntryPoint(name="source_only", value="sfdabench_methods.source_only", group="sfdabench"),
+           md.EntryPoint(name="copycat", value="copycat_plugin", group="sfdabench")]
+    with pytest.raises(SfdaBenchError, match="'source_only' is registered twice"):
+        Registry(entry_points=eps)
 
 
 def test_registry_in_process_strict_mode():
