@@ -1,0 +1,549 @@
+"""DFG phase 2: the dual-feature-guided box-prompt search (spec 4.1-4.4).
+
+For every foreground class of a slice, a box prompt is grown until SAM's mask becomes stable:
+
+* **TBS** grows a region through pairwise affinities of the (FA-trained) target features and queries SAM with
+  the region's box until two consecutive masks barely change;
+* **MBS** then grows the stable TBS mask toward pixels close to the mask's centroid in SAM-feature space;
+* **stage 3** enlarges the last MBS box a few pixels at a time when MBS converges without stabilising.
+
+The per-class masks are merged into one pseudo-label (spec 4.4): background scores 0.5, a SAM-refined mask 2,
+a fallback mask (the target model's argmax) 1; argmax, ties to the lower class index.
+
+Variants (``search``): ``dbs`` (spec 4.3 exactly), ``tbs`` (TBS only), ``mbs`` (MBS from the SAM mask of the
+seed's box) and ``naive`` (Fig. 1b: one box around ``P_c > naive_threshold``); ``stage3=False`` disables stage 3.
+
+Choices of this implementation (documented; see also the report of the task that wrote it):
+
+* **Resolution scaling (UNCERTAIN-style project choice).** The spec's pixel values were tuned on 256x256 slices.
+  With ``scale_to_resolution`` (default) and a slice of another size, pixel counts (existence count, minimum mask
+  area, change tolerances) scale by ``H*W / reference_size**2`` and lengths (box margin, affinity radius,
+  stage-3 growth) by ``H / reference_size``, rounded half-up, at least 1 - except the affinity radius, at least
+  2, because radius 1 has no neighbour offset at all (``0 < dy^2+dx^2 < 1`` is empty) and nothing could grow.
+  Probability/cosine thresholds and step limits are resolution-free and never scaled.
+* **No border quirk.** The original builds its neighbour table only from pixels with row <= 252 and
+  3 <= col <= 252; here every pixel can be a "from" pixel (the spec calls the quirk an implementation detail).
+* **Missing SAM masks.** ``largest_contour`` returns none when SAM yields nothing. TBS skips such steps (spec);
+  in MBS/stage 3 they stay in the history but never count as stable (a change count against "none" is
+  infinite), and a selected "none" mask means "MBS found nothing" (the stable TBS mask is kept).
+* **Stage 3 disabled.** ``return history[-7]`` of the spec means "the last MBS mask before stage 3"; with
+  ``stage3=False`` that is simply the last MBS mask.
+* **Naive box** uses the same margin as every other box (so the variants differ only in how the box is found).
+* Cosines and centroid distances are computed in float64 so that threshold decisions do not depend on the
+  summation order (the straightforward reference implementation must agree pixel for pixel).
+* The per-slice array work (affinities, region growth, MBS distances) is vectorised NumPy on the CPU; inputs on
+  another device are copied once per slice. torch's intra-op threads made these small ops 10-100x slower on
+  the shared 2-core machines, and SAM's masks come back as NumPy for OpenCV anyway.
+
+Performance: per slice the target-feature affinities are computed once (one product of shifted views per
+unordered offset pair), a growth step is a handful of array ops per offset, and a per-slice memo
+(``decode_cache``) ensures SAM decodes each distinct box at most once across all classes of the slice.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sfdabench.api import SamBackend, SamEmbedding
+
+SEARCH_VARIANTS = ("naive", "tbs", "mbs", "dbs")
+OUTCOMES = ("absent", "sam", "fallback")
+Box = tuple[int, int, int, int]          # (x_min, y_min, x_max, y_max), inclusive pixel indices
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+@dataclass(frozen=True)
+class BoxSearchConfig:
+    """Hyper-parameters of the box search (spec 4.2), in pixels of the slice being searched.
+
+    Build it with :meth:`from_cfg`, which applies the resolution scaling described in the module docstring;
+    the defaults are the spec's values for 256x256 slices and the task's organ order
+    (spleen, right kidney, left kidney, liver).
+    """
+
+    search: str = "dbs"
+    stage3: bool = True
+    naive_threshold: float = 0.5
+    # existence / seeding
+    existence_prob: float = 0.8
+    existence_pixels: int = 200
+    seed_delta: float = 0.005
+    box_margin: int = 3
+    affinity_radius: int = 4
+    # TBS
+    tbs_cos_threshold: float = 0.99
+    max_steps: tuple[int, ...] = (25, 20, 20, 35)   # per foreground class, in class-index order
+    tbs_tol_1step: int = 15
+    tbs_tol_2step: int = 35
+    tbs_min_area: int = 50
+    # MBS
+    mbs_multiplier: float = 2.5
+    mbs_cap: float = 0.35
+    mbs_tol_1step: int = 15
+    mbs_tol_2step: int = 30
+    mbs_tol_3step: int = 45
+    # stage 3 (its tolerances are the MBS 2-step / 1-step ones, spec 4.3)
+    stage3_growth: int = 2
+    stage3_repeats: int = 6
+    # merge (spec 4.4)
+    score_background: float = 0.5
+    score_sam: float = 2.0
+    score_fallback: float = 1.0
+    # resolution scaling
+    reference_size: int = 256
+    scale_to_resolution: bool = True
+    #: (H, W) the pixel values were scaled for; None = unscaled (values as written, for reference_size).
+    image_size: tuple[int, int] | None = None
+
+    _PIXEL_COUNTS = ("existence_pixels", "tbs_min_area", "tbs_tol_1step", "tbs_tol_2step",
+                     "mbs_tol_1step", "mbs_tol_2step", "mbs_tol_3step")
+    _LENGTHS = ("box_margin", "affinity_radius", "stage3_growth")
+
+    @classmethod
+    def from_cfg(cls, cfg: Mapping[str, Any] | None, image_size: int | Sequence[int]) -> "BoxSearchConfig":
+        """Config from a mapping (plain dict or OmegaConf) of field values, scaled to ``image_size`` (H, W).
+
+        Unknown keys are an error (a typo would otherwise silently fall back to a default).
+        """
+        values = {str(k): cfg[k] for k in cfg} if cfg is not None else {}
+        known = {f.name for f in fields(cls)} - {"image_size"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown box-search settings {unknown}; valid: {sorted(known)}")
+        if "max_steps" in values:
+            values["max_steps"] = tuple(int(s) for s in values["max_steps"])
+        return cls(**values).scaled_to(image_size)
+
+    def __post_init__(self) -> None:
+        if self.search not in SEARCH_VARIANTS:
+            raise ValueError(f"box search {self.search!r} unknown; use one of {SEARCH_VARIANTS}")
+        if not self.max_steps or min(self.max_steps) < 1:
+            raise ValueError(f"max_steps must list at least one positive step limit, got {self.max_steps}")
+        if self.affinity_radius < 1 or self.box_margin < 0 or self.reference_size < 1:
+            raise ValueError("affinity_radius >= 1, box_margin >= 0 and reference_size >= 1 are required")
+
+    def scaled_to(self, image_size: int | Sequence[int]) -> "BoxSearchConfig":
+        """The same config with pixel values for slices of ``image_size`` (see the module docstring)."""
+        if self.image_size is not None:
+            raise ValueError(f"this config is already scaled to {self.image_size}")
+        height, width = (image_size, image_size) if isinstance(image_size, int) else map(int, image_size)
+        if not self.scale_to_resolution:
+            return replace(self, image_size=(height, width))
+        area_scale = height * width / self.reference_size ** 2
+        length_scale = height / self.reference_size
+        scaled: dict[str, int] = {}
+        for name in self._PIXEL_COUNTS:
+            scaled[name] = max(1, _round_half_up(getattr(self, name) * area_scale))
+        for name in self._LENGTHS:
+            scaled[name] = max(1, _round_half_up(getattr(self, name) * length_scale))
+        scaled["affinity_radius"] = max(2, scaled["affinity_radius"])  # radius 1 has no neighbours
+        return replace(self, image_size=(height, width), **scaled)
+
+    def max_steps_for(self, class_index: int) -> int:
+        if not 1 <= class_index <= len(self.max_steps):
+            raise ValueError(f"max_steps has {len(self.max_steps)} entries, none for class {class_index}; "
+                             "give one step limit per foreground class")
+        return self.max_steps[class_index - 1]
+
+
+def _round_half_up(x: float) -> int:
+    # Python's round() is banker's rounding (12.5 -> 12); half-up is the rule one would do by hand.
+    return int(math.floor(x + 0.5))
+
+
+# ------------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class SearchStep:
+    """One box sent to SAM (or answered from the per-slice memo)."""
+
+    phase: str                   # "naive" | "tbs" | "mbs-init" | "mbs" | "stage3"
+    box: Box
+    mask_area: int               # pixels of the largest-contour mask; 0 when SAM gave nothing
+    changed: int | None          # changed pixels vs the previous step's mask; None: first step / missing mask
+    cached: bool                 # answered from the memo, no decoder call
+
+
+@dataclass
+class ClassTrace:
+    """How one class of one slice was labelled (for diagnostics and the search figures)."""
+
+    class_index: int
+    outcome: str                 # "absent" | "sam" | "fallback"
+    stage: str | None            # for "sam": "naive" | "tbs" | "mbs" | "stage3" | "mbs-fallback"
+    reason: str                  # one line: why this outcome
+    mask: np.ndarray             # bool (H, W): the class mask that went into the merge
+    steps: list[SearchStep] = field(default_factory=list)
+    selected_step: int | None = None     # index into steps of the mask that was kept
+    decoder_calls: int = 0
+    cache_hits: int = 0
+    mbs_threshold: float | None = None   # centroid-distance threshold of MBS, when MBS ran
+
+    @property
+    def boxes(self) -> list[Box]:
+        return [s.box for s in self.steps]
+
+    @property
+    def changed_pixels(self) -> list[int | None]:
+        return [s.changed for s in self.steps]
+
+
+@dataclass
+class SliceResult:
+    pseudo_label: np.ndarray             # uint8 (H, W)
+    classes: dict[int, ClassTrace]       # class index (1..K-1) -> trace
+
+    @property
+    def decoder_calls(self) -> int:
+        return sum(t.decoder_calls for t in self.classes.values())
+
+    @property
+    def cache_hits(self) -> int:
+        return sum(t.cache_hits for t in self.classes.values())
+
+
+# -------------------------------------------------------------------------------- mask primitives
+
+
+def largest_contour(mask: np.ndarray) -> np.ndarray | None:
+    """The largest external contour of a binary mask (by contour area), filled; None if there is none."""
+    contours, _ = cv2.findContours(np.ascontiguousarray(mask, dtype=np.uint8), cv2.RETR_EXTERNAL,
+                                   cv2.CHAIN_APPROX_NONE)
+    if not contours:
+        return None
+    largest = max(contours, key=cv2.contourArea)     # first of equal areas: deterministic
+    filled = np.zeros(np.shape(mask), dtype=np.uint8)
+    cv2.drawContours(filled, [largest], -1, 1, thickness=cv2.FILLED)
+    return filled.astype(bool)
+
+
+def box_around(mask: np.ndarray, margin: int) -> Box:
+    """Bounding box of a non-empty mask, expanded by ``margin`` on each side and clipped to the image."""
+    height, width = mask.shape
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    return (max(int(cols[0]) - margin, 0), max(int(rows[0]) - margin, 0),
+            min(int(cols[-1]) + margin, width - 1), min(int(rows[-1]) + margin, height - 1))
+
+
+def changed_pixels(a: np.ndarray | None, b: np.ndarray | None) -> float:
+    """Number of pixels where two masks differ; infinite when either is missing (never "stable")."""
+    if a is None or b is None:
+        return math.inf
+    return int(np.count_nonzero(a != b))
+
+
+def neighbour_offsets(radius: int) -> list[tuple[int, int]]:
+    """All (dy, dx) with 0 < dy^2 + dx^2 < radius^2, both directions (spec 4.1; 44 offsets for radius 4)."""
+    span = range(-radius + 1, radius)
+    return [(dy, dx) for dy in span for dx in span if 0 < dy * dy + dx * dx < radius * radius]
+
+
+def neighbours_of(mask: np.ndarray, offsets: Sequence[tuple[int, int]]) -> np.ndarray:
+    """(n_offsets, H, W) bool: entry [k, y, x] = mask[y - dy_k, x - dx_k] (False outside the image).
+
+    Entry k says "the pixel one offset k back is in the mask", i.e. it reaches (y, x) by offset k.
+    """
+    height, width = mask.shape
+    pad = max((max(abs(dy), abs(dx)) for dy, dx in offsets), default=0)
+    padded = np.zeros((height + 2 * pad, width + 2 * pad), dtype=mask.dtype)
+    padded[pad:pad + height, pad:pad + width] = mask
+    return np.stack([padded[pad - dy:pad - dy + height, pad - dx:pad - dx + width] for dy, dx in offsets])
+
+
+def unit_vectors(features: np.ndarray) -> np.ndarray:
+    """L2-normalise a (C, H, W) float64 map per pixel (all-zero vectors stay zero, like F.normalize)."""
+    norms = np.sqrt(np.einsum("chw,chw->hw", features, features))
+    return features / np.maximum(norms, 1e-12)
+
+
+def target_affinities(features: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> np.ndarray:
+    """(n_offsets, H, W) float64 cosine similarities: [k, y, x] = cos(F[y, x], F[y - dy_k, x - dx_k]).
+
+    ``features`` (C, H, W) raw; they are L2-normalised per pixel here. Neighbours outside the image get
+    -inf (never above a threshold). Each unordered pair is computed once, as a product of two shifted views,
+    and serves both an offset and its reverse.
+    """
+    # NumPy, not torch: these are small ops, and torch's intra-op threads slow them down 100x when the
+    # cores are shared (seen on the 2-core CI machines); einsum here uses neither threads nor BLAS.
+    unit = unit_vectors(features.detach().cpu().numpy().astype(np.float64))
+    height, width = unit.shape[-2:]
+    cos = np.full((len(offsets), height, width), -np.inf)
+    index_of = {offset: k for k, offset in enumerate(offsets)}
+    filled: set[int] = set()
+    for k, (dy, dx) in enumerate(offsets):
+        if k in filled or abs(dy) >= height or abs(dx) >= width:
+            continue
+        # q = (y, x) in ``here`` has its neighbour q - (dy, dx) at the same position of ``there``.
+        here = (slice(max(dy, 0), height + min(dy, 0)), slice(max(dx, 0), width + min(dx, 0)))
+        there = (slice(max(-dy, 0), height + min(-dy, 0)), slice(max(-dx, 0), width + min(-dx, 0)))
+        similarity = np.einsum("chw,chw->hw", unit[:, here[0], here[1]], unit[:, there[0], there[1]])
+        cos[k][here] = similarity
+        reverse = index_of.get((-dy, -dx))
+        if reverse is not None:
+            # The same edges seen from their other end: cos(F_p, F_{p+o}) at p = q - o.
+            cos[reverse][there] = similarity
+            filled.add(reverse)
+    return cos
+
+
+def grow_by_affinity(region: np.ndarray, accepts: np.ndarray, offsets: Sequence[tuple[int, int]]) -> np.ndarray:
+    """One TBS growth step: the region plus every pixel linked to a region pixel by an accepted edge.
+
+    ``accepts[k, y, x]``: the edge from (y - dy_k, x - dx_k) to (y, x) passes the affinity threshold.
+    """
+    return region | (neighbours_of(region, offsets) & accepts).any(axis=0)
+
+
+def grow_within(region: np.ndarray, allowed: np.ndarray, offsets: Sequence[tuple[int, int]]) -> np.ndarray:
+    """One MBS growth step: the region plus its radius-neighbours that are ``allowed`` (close to the centroid)."""
+    return region | (neighbours_of(region, offsets).any(axis=0) & allowed)
+
+
+def sam_feature_map(sam: SamBackend, embedding: SamEmbedding, size: tuple[int, int]) -> np.ndarray:
+    """SAM's embedding bilinearly upsampled to the slice size and L2-normalised per pixel: (C, H, W) float64."""
+    features = sam.features(embedding).detach().to(torch.float64)
+    upsampled = F.interpolate(features[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+    return unit_vectors(upsampled.cpu().numpy())
+
+
+# ------------------------------------------------------------------------------------------ search
+
+
+def search_slice(target_features: torch.Tensor, probs: torch.Tensor, sam: SamBackend, embedding: SamEmbedding,
+                 cfg: BoxSearchConfig | Mapping[str, Any], decode_cache: dict | None = None) -> SliceResult:
+    """Box search for every foreground class of one slice, merged into one pseudo-label (spec 4.3-4.4).
+
+    ``target_features`` (C, H, W) raw target-model features; ``probs`` (K, H, W) softmax probabilities
+    (K includes background); ``embedding`` this slice's SAM embedding. ``decode_cache`` maps box tuples to
+    largest-contour SAM masks (or None) for this slice; SAM is decoded only for boxes not in it. Pass the same
+    dict again only for the same slice and embedding.
+    """
+    num_classes, height, width = probs.shape
+    if tuple(target_features.shape[-2:]) != (height, width):
+        raise ValueError(f"target features {tuple(target_features.shape)} and probabilities "
+                         f"{tuple(probs.shape)} differ in size")
+    if tuple(embedding.image_size) != (height, width):
+        raise ValueError(f"the SAM embedding was made for a {embedding.image_size} slice, not {(height, width)}")
+    if not isinstance(cfg, BoxSearchConfig):
+        cfg = BoxSearchConfig.from_cfg(cfg, (height, width))
+    if cfg.image_size is not None and cfg.image_size != (height, width):
+        raise ValueError(f"the box-search config is scaled for {cfg.image_size} slices, not {(height, width)}")
+
+    context = _SliceContext(target_features, probs, sam, embedding, cfg,
+                            {} if decode_cache is None else decode_cache)
+    traces = {c: _ClassSearch(context, c).run() for c in range(1, num_classes)}
+
+    scores = np.zeros((num_classes, height, width), dtype=np.float32)
+    scores[0] = cfg.score_background
+    for c, trace in traces.items():
+        scores[c][trace.mask] = cfg.score_sam if trace.outcome == "sam" else cfg.score_fallback
+    pseudo_label = scores.argmax(axis=0).astype(np.uint8)   # numpy: ties go to the first (lower) index
+    return SliceResult(pseudo_label=pseudo_label, classes=traces)
+
+
+class _SliceContext:
+    """What the classes of one slice share: inputs, lazily computed feature graphs, the decoder memo."""
+
+    def __init__(self, target_features: torch.Tensor, probs: torch.Tensor, sam: SamBackend,
+                 embedding: SamEmbedding, cfg: BoxSearchConfig, decode_cache: dict):
+        self.cfg = cfg
+        self.sam = sam
+        self.embedding = embedding
+        self.decode_cache = decode_cache
+        self.target_features = target_features
+        # float64 so thresholds on probabilities are exact (float32 -> float64 is lossless).
+        self.probs = np.asarray(probs.detach().cpu(), dtype=np.float64)
+        self.prediction = self.probs.argmax(axis=0)
+        self.size = self.probs.shape[1:]
+        self.offsets = neighbour_offsets(cfg.affinity_radius)
+        self._tbs_accepts: np.ndarray | None = None
+        self._sam_features: np.ndarray | None = None
+
+    @property
+    def tbs_accepts(self) -> np.ndarray:
+        """(n_offsets, H, W) bool target-feature edges above the TBS threshold, computed once per slice."""
+        if self._tbs_accepts is None:
+            cos = target_affinities(self.target_features, self.offsets)
+            self._tbs_accepts = cos > self.cfg.tbs_cos_threshold
+        return self._tbs_accepts
+
+    @property
+    def sam_features(self) -> np.ndarray:
+        """Upsampled, normalised SAM features, computed once per slice and only if MBS runs."""
+        if self._sam_features is None:
+            self._sam_features = sam_feature_map(self.sam, self.embedding, self.size)
+        return self._sam_features
+
+
+class _ClassSearch:
+    """The search for one class. Every SAM query becomes a step; histories hold step indices."""
+
+    def __init__(self, context: _SliceContext, class_index: int):
+        self.ctx = context
+        self.cfg = context.cfg
+        self.c = class_index
+        self.max_steps = self.cfg.max_steps_for(class_index)
+        self.steps: list[SearchStep] = []
+        self.masks: list[np.ndarray | None] = []    # largest-contour mask per step
+        self.decoder_calls = 0
+        self.cache_hits = 0
+        self.mbs_threshold: float | None = None
+
+    # -- bookkeeping
+    def query(self, box: Box, phase: str) -> int:
+        """Ask SAM (or the memo) for the mask of ``box``; returns the new step's index."""
+        box = tuple(int(v) for v in box)
+        cache = self.ctx.decode_cache
+        cached = box in cache
+        if cached:
+            self.cache_hits += 1
+        else:
+            raw = np.asarray(self.ctx.sam.decode(self.ctx.embedding, box))
+            if raw.shape != self.ctx.size:
+                raise ValueError(f"SAM returned a {raw.shape} mask for a {self.ctx.size} slice")
+            cache[box] = largest_contour(raw)
+            self.decoder_calls += 1
+        mask = cache[box]
+        previous = self.masks[-1] if self.masks else None
+        changed = changed_pixels(mask, previous)
+        self.steps.append(SearchStep(phase=phase, box=box, mask_area=0 if mask is None else int(mask.sum()),
+                                     changed=None if math.isinf(changed) else int(changed), cached=cached))
+        self.masks.append(mask)
+        return len(self.steps) - 1
+
+    def changed(self, step_a: int | None, step_b: int | None) -> float:
+        if step_a is None or step_b is None:
+            return math.inf
+        return changed_pixels(self.masks[step_a], self.masks[step_b])
+
+    def box(self, region: np.ndarray) -> Box:
+        return box_around(region, self.cfg.box_margin)
+
+    def finish(self, outcome: str, reason: str, stage: str | None = None, step: int | None = None) -> ClassTrace:
+        mask = self.masks[step] if outcome == "sam" else self.ctx.prediction == self.c
+        return ClassTrace(class_index=self.c, outcome=outcome, stage=stage, reason=reason, mask=mask,
+                          steps=self.steps, selected_step=step, decoder_calls=self.decoder_calls,
+                          cache_hits=self.cache_hits, mbs_threshold=self.mbs_threshold)
+
+    # -- spec 4.3
+    def run(self) -> ClassTrace:
+        cfg = self.cfg
+        prob = self.ctx.probs[self.c]
+        confident = int(np.count_nonzero(prob > cfg.existence_prob))
+        if confident < cfg.existence_pixels:
+            return self.finish("absent", f"{confident} px with p > {cfg.existence_prob} "
+                                         f"(< {cfg.existence_pixels}): target prediction kept")
+        if cfg.search == "naive":
+            return self.run_naive(prob)
+
+        region = largest_contour(prob > prob.max() - cfg.seed_delta)
+        if region is None:
+            return self.finish("fallback", "empty seed region")
+        if cfg.search in ("tbs", "dbs"):
+            start = self.tbs(region)
+            if start is None:
+                return self.finish("fallback", f"TBS did not stabilise within {self.max_steps} steps")
+            if cfg.search == "tbs":
+                return self.finish("sam", "stable TBS mask", stage="tbs", step=start)
+        else:  # "mbs": start from SAM's mask for the seed's box
+            start = self.query(self.box(region), "mbs-init")
+            mask = self.masks[start]
+            if mask is None or mask.sum() <= cfg.tbs_min_area:
+                return self.finish("fallback", "SAM mask of the seed box empty or too small")
+
+        final, stage = self.mbs(start)
+        if final is None or self.masks[final] is None:
+            return self.finish("sam", "MBS found no stable mask: the starting mask is kept",
+                               stage="mbs-fallback", step=start)
+        return self.finish("sam", f"stable {stage.upper()} mask", stage=stage, step=final)
+
+    def run_naive(self, prob: np.ndarray) -> ClassTrace:
+        candidates = prob > self.cfg.naive_threshold
+        if not candidates.any():
+            return self.finish("fallback", f"no pixel with p > {self.cfg.naive_threshold}")
+        step = self.query(self.box(candidates), "naive")
+        if self.masks[step] is None:
+            return self.finish("fallback", "SAM returned an empty mask for the prediction's box")
+        return self.finish("sam", "SAM mask of the prediction's box", stage="naive", step=step)
+
+    def tbs(self, region: np.ndarray) -> int | None:
+        """Grow in target-feature space until SAM's mask is stable; the stable step, or None."""
+        cfg = self.cfg
+        history: list[int | None] = [None, None]       # dummies never match anything
+        for _ in range(self.max_steps):
+            step = self.query(self.box(region), "tbs")
+            mask = self.masks[step]
+            if mask is not None:
+                history.append(step)
+                if mask.sum() > cfg.tbs_min_area and (self.changed(step, history[-3]) < cfg.tbs_tol_2step
+                                                      or self.changed(step, history[-2]) < cfg.tbs_tol_1step):
+                    return step
+            region = grow_by_affinity(region, self.ctx.tbs_accepts, self.ctx.offsets)
+        return None
+
+    def mbs(self, start: int) -> tuple[int | None, str]:
+        """Grow the starting mask toward its SAM-feature centroid (spec MBS); (selected step, stage)."""
+        cfg = self.cfg
+        features = self.ctx.sam_features
+        start_mask = self.masks[start]
+        centroid = features[:, start_mask].mean(axis=1)
+        centroid /= max(float(np.sqrt(centroid @ centroid)), 1e-12)
+        distance = 1.0 - np.einsum("chw,c->hw", features, centroid)
+        self.mbs_threshold = min(cfg.mbs_multiplier * float(distance[start_mask].mean()), cfg.mbs_cap)
+        allowed = distance < self.mbs_threshold
+
+        region = start_mask.copy()
+        history: list[int] = []
+        previous_box: Box | None = None
+        for _ in range(self.max_steps):
+            box = self.box(region)
+            if box == previous_box:                      # growth no longer moves the box
+                stable = self.first_stable(history)
+                if stable is not None:
+                    return stable, "mbs"
+                last_mbs = history[-1]
+                if cfg.stage3:
+                    stable = self.stage3(box, history)
+                    if stable is not None:
+                        return stable, "stage3"
+                return last_mbs, "mbs"
+            previous_box = box
+            history.append(self.query(box, "mbs"))
+            if len(history) >= 4 and self.changed(history[-1], history[-4]) < cfg.mbs_tol_3step:
+                return history[-2], "mbs"                # three-step stable: the middle mask
+            region = grow_within(region, allowed, self.ctx.offsets)
+        return self.first_stable(history), "mbs"
+
+    def first_stable(self, history: list[int]) -> int | None:
+        """First two-step-stable mask of the history, else the first one-step-stable one, else None."""
+        for i in range(2, len(history)):
+            if self.changed(history[i], history[i - 2]) < self.cfg.mbs_tol_2step:
+                return history[i]
+        for i in range(1, len(history)):
+            if self.changed(history[i], history[i - 1]) < self.cfg.mbs_tol_1step:
+                return history[i]
+        return None
+
+    def stage3(self, box: Box, history: list[int]) -> int | None:
+        """Enlarge the box by a few pixels per side (not clipped) until SAM's mask is stable."""
+        cfg = self.cfg
+        x_min, y_min, x_max, y_max = box
+        for _ in range(cfg.stage3_repeats):
+            g = cfg.stage3_growth
+            x_min, y_min, x_max, y_max = x_min - g, y_min - g, x_max + g, y_max + g
+            step = self.query((x_min, y_min, x_max, y_max), "stage3")
+            history.append(step)
+            if ((len(history) > 2 and self.changed(step, history[-3]) < cfg.mbs_tol_2step)
+                    or self.changed(step, history[-2]) < cfg.mbs_tol_1step):
+                return step
+        return None
