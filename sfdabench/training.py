@@ -146,11 +146,12 @@ def train_supervised(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: M
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss.detach())
+            value = float(loss.detach())
+            total += value
             count += 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                bar.set_postfix(loss=f"{value:.3f}")
         sched.step()
         history.append(total / max(count, 1))
     if bar is not None:

@@ -1,0 +1,193 @@
+"""DFG phases on tiny synthetic volumes with a fake, box-sensitive SAM backend (fast, no weights)."""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import REPO
+from sfdabench.api import Case, Context, SamBackend, SamEmbedding, TargetImages
+from sfdabench.losses import bidirectional_transport_loss
+from sfdabench.nets import build_segmenter
+from sfdabench_methods.dfg.feature_aggregation import feature_aggregation
+from sfdabench_methods.dfg.method import DFG
+
+ORGANS = ["spleen", "right_kidney", "left_kidney", "liver"]
+
+
+class ThresholdSam(SamBackend):
+    """Fake SAM: the bright pixels (> 0.45) inside the box. Too small a box cuts the organ: box-sensitive."""
+
+    name = "threshold"
+
+    def __init__(self):
+        super().__init__({}, torch.device("cpu"))
+        self.calls = 0
+
+    def embed(self, image):
+        small = torch.nn.functional.avg_pool2d(torch.from_numpy(image)[None, None].float(), 4)[0]
+        feats = torch.cat([small, 1 - small, small ** 2], 0)
+        return SamEmbedding(feats, image.shape, {"image": image})
+
+    def decode(self, embedding, box):
+        self.calls += 1
+        image = embedding.extra["image"]
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        mask = np.zeros(image.shape, bool)
+        mask[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1] = image[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1] > 0.45
+        return mask
+
+
+def synthetic_cases(n: int, seed: int, size: int = 48, slices: int = 3) -> list[Case]:
+    """Blobs of distinct brightness per organ on a dark background."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        image = rng.normal(0.1, 0.02, (slices, size, size)).astype(np.float32)
+        label = np.zeros((slices, size, size), np.uint8)
+        centres = [(12, 36), (34, 12), (34, 36), (14, 12)]
+        for k, (cy, cx) in enumerate(centres, start=1):
+            cy, cx = cy + rng.integers(-2, 3), cx + rng.integers(-2, 3)
+            r = 6 + rng.integers(0, 3)
+            blob = (yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2
+            label[:, blob] = k
+            image[:, blob] = 0.5 + 0.1 * k + rng.normal(0, 0.02, (slices, blob.sum()))
+        cases.append(Case(f"syn{seed}-{i}", np.clip(image, 0, 1), label, (5.0, 2.0, 2.0)))
+    return cases
+
+
+def dfg_cfg(**changes):
+    cfg = OmegaConf.load(REPO / "configs" / "method" / "dfg.yaml")
+    cfg.fa.iterations = 3
+    cfg.fa.batch_size = 4
+    cfg.retrain.epochs = 1
+    cfg.retrain.batch_size = 4
+    for key, value in changes.items():
+        OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+def make_context(tmp_path, labels, sam=None):
+    scorer_calls = []
+
+    def scorer(volumes):
+        from sfdabench.evaluation import dice_per_organ
+
+        scorer_calls.append(volumes)
+        return dice_per_organ(volumes, labels, ORGANS)
+
+    sam = sam or ThresholdSam()
+    ctx = Context(device=torch.device("cpu"), seed=0, cache_dir=tmp_path / "cache", run_dir=tmp_path / "run",
+                  organs=ORGANS, sam_factory=lambda: sam, label_oracle=lambda: labels,
+                  pseudo_label_scorer=scorer, progress=False)
+    return ctx, sam
+
+
+@pytest.fixture(scope="module")
+def source_model():
+    """A tiny U-Net trained briefly on the synthetic source cases."""
+    from sfdabench.api import SliceDataset
+    from sfdabench.training import train_supervised
+
+    torch.manual_seed(0)
+    model = build_segmenter({"width": 4, "depth": 2}, 5)
+    cfg = {"epochs": 80, "batch_size": 6, "lr": 1e-2, "loss": "ce+dice", "augment": {"enabled": False}}
+    train_supervised(model, SliceDataset(synthetic_cases(4, 0), labels=True), cfg, device=torch.device("cpu"),
+                     generator=torch.Generator().manual_seed(0))
+    return model
+
+
+def test_transport_loss_matches_the_formula():
+    torch.manual_seed(0)
+    feats = torch.randn(2, 3, 4, 4)
+    protos = torch.randn(5, 3)
+    log_prior = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.2, 0.2]))
+    tau, rho = 0.5, 0.3
+    loss, _ = bidirectional_transport_loss(feats, protos, tau=tau, rho=rho, log_prior=log_prior)
+    f = feats.permute(0, 2, 3, 1).reshape(-1, 3)
+    n = f.shape[0]
+    t2p, p2t = 0.0, 0.0
+    s = [[float(protos[k] @ f[i]) for i in range(n)] for k in range(5)]
+    d = [[1 - float(torch.nn.functional.cosine_similarity(protos[k], f[i], dim=0)) for i in range(n)]
+         for k in range(5)]
+    prior = log_prior.exp().tolist()
+    for i in range(n):
+        z = [math.exp(s[k][i] / tau) * prior[k] for k in range(5)]
+        t2p += sum(d[k][i] * z[k] / sum(z) for k in range(5)) / n
+    for k in range(5):
+        z = [math.exp(s[k][i] / tau) for i in range(n)]
+        p2t += prior[k] * sum(d[k][i] * z[i] / sum(z) for i in range(n))
+    assert float(loss) == pytest.approx(rho * t2p + (1 - rho) * p2t, rel=1e-5)
+
+
+def test_fa_freezes_the_classifier_and_trains_the_rest(tmp_path, source_model):
+    model = copy.deepcopy(source_model)
+    before = copy.deepcopy(model.state_dict())
+    target = synthetic_cases(2, 5)
+    ctx, _ = make_context(tmp_path, [c.label for c in target])
+    losses = feature_aggregation(model, TargetImages(target), dfg_cfg().fa, ctx)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    after = model.state_dict()
+    assert torch.equal(before["classifier.weight"], after["classifier.weight"])
+    assert not torch.equal(before["inc.0.weight"], after["inc.0.weight"])
+    assert model.classifier.weight.requires_grad  # unfrozen again for retraining
+
+
+@pytest.mark.parametrize("changes, variant", [
+    ({}, "fa+dbs+cp"),
+    ({"search.search": "naive"}, "fa+naive+cp"),
+    ({"search.search": "tbs", "cp": False}, "fa+tbs+nocp"),
+    ({"search.search": "mbs", "search.stage3": False}, "fa+mbs+nos3+cp"),
+    ({"fa.enabled": False}, "nofa+dbs+cp"),
+    ({"stop_after_fa": True}, "fa-only"),
+])
+def test_ablation_switches_run_and_name_their_variant(tmp_path, source_model, changes, variant):
+    target = synthetic_cases(2, 7)
+    ctx, sam = make_context(tmp_path, [c.label for c in target])
+    method = DFG(dfg_cfg(**changes))
+    assert method.variant() == variant
+    model = method.adapt(copy.deepcopy(source_model), TargetImages(target), ctx)
+    _, logits = model.eval()(torch.rand(1, 3, 48, 48))
+    assert logits.shape == (1, 5, 48, 48)
+    quality = ctx.diagnostics.get("pseudo_label_dice", {})
+    if changes.get("stop_after_fa"):
+        assert sam.calls == 0 and not quality and not method.uses_sam
+    else:
+        assert sam.calls > 0
+        assert set(quality) == ({"target_model", "sam", "cp"} if changes.get("cp", True) else {"target_model", "sam"})
+        assert ctx.diagnostics["box_search"]["slices"] == 6
+
+
+def test_figures_are_written(tmp_path, source_model):
+    target = synthetic_cases(1, 9)
+    ctx, _ = make_context(tmp_path, [c.label for c in target])
+    DFG(dfg_cfg(**{"figures": 2, "fa.enabled": False})).adapt(copy.deepcopy(source_model), TargetImages(target), ctx)
+    pngs = list((tmp_path / "run" / "figures").glob("*.png"))
+    assert pngs and all(p.stat().st_size > 1000 for p in pngs)
+
+
+def test_ground_truth_never_changes_a_decision(tmp_path, source_model):
+    """Pseudo-labels and the adapted model are identical whatever the (hidden) target-train labels are."""
+    target = synthetic_cases(2, 11)
+    true_labels = [c.label for c in target]
+    fake_labels = [np.random.default_rng(1).integers(0, 5, c.label.shape).astype(np.uint8) for c in target]
+    models, diagnostics = [], []
+    for labels in (true_labels, fake_labels):
+        ctx, _ = make_context(tmp_path / str(len(models)), labels)
+        torch.manual_seed(0)
+        models.append(DFG(dfg_cfg()).adapt(copy.deepcopy(source_model), TargetImages(target), ctx).state_dict())
+        diagnostics.append(ctx.diagnostics["pseudo_label_dice"])
+    for key in models[0]:
+        assert torch.equal(models[0][key], models[1][key]), key
+    assert diagnostics[0]["sam"]["mean"] != diagnostics[1]["sam"]["mean"]  # the measurement did see them
+
+
+def test_source_free_methods_cannot_read_target_labels(tmp_path):
+    ctx, _ = make_context(tmp_path, [np.zeros((1, 4, 4), np.uint8)])
+    with pytest.raises(Exception, match="not available to source-free methods"):
+        ctx.target_train_labels()

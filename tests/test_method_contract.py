@@ -1,0 +1,88 @@
+"""Contract tests generated from the registry (the DomainBed / timm lesson): every registered method,
+built-in or plugin, adapts on a tiny problem, returns a model with the right output shape, changes its
+parameters where it trains, and is deterministic for a fixed seed on CPU. A new method gets these for free.
+
+Budgets are shrunk generically: every ``epochs`` / ``iterations`` key of a method's config is set to 1-2 and
+every ``batch_size`` to 4, so a method only has to use those names to be tested quickly.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from sfdabench.api import TargetImages
+from sfdabench.plugins import get_registry
+from sfdabench.prepare import compose_run_config
+from test_dfg import ORGANS, ThresholdSam, make_context, synthetic_cases
+
+METHODS = get_registry().names("methods")
+#: methods that return the source model unchanged by design
+NO_TRAINING = {"source_only"}
+
+
+def shrink_budget(node) -> None:
+    for key in list(node.keys()):
+        value = node[key]
+        if OmegaConf.is_dict(value):
+            shrink_budget(value)
+        elif key in ("epochs", "iterations"):
+            node[key] = min(int(value), 2)
+        elif key == "batch_size":
+            node[key] = 4
+
+
+def method_config(name: str):
+    cfg = compose_run_config([f"method={name}", "preset=test"])
+    OmegaConf.resolve(cfg)
+    method_cfg = cfg.method
+    OmegaConf.set_struct(method_cfg, False)
+    shrink_budget(method_cfg)
+    return method_cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_source():
+    from sfdabench.api import SliceDataset
+    from sfdabench.nets import build_segmenter
+    from sfdabench.training import train_supervised
+
+    torch.manual_seed(0)
+    model = build_segmenter({"width": 4, "depth": 2}, len(ORGANS) + 1)
+    cfg = {"epochs": 60, "batch_size": 6, "lr": 1e-2, "loss": "ce+dice", "augment": {"enabled": False}}
+    train_supervised(model, SliceDataset(synthetic_cases(4, 0), labels=True), cfg, device=torch.device("cpu"),
+                     generator=torch.Generator().manual_seed(0))
+    return model
+
+
+def test_registry_lists_the_builtin_methods():
+    assert {"source_only", "oracle", "dfg"} <= set(METHODS)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_method_contract(name, tiny_source, tmp_path):
+    method_cls = get_registry().get("methods", name)
+    cfg = method_config(name)
+    target = synthetic_cases(2, 21, slices=2)
+    labels = [c.label for c in target]
+    states = []
+    for attempt in range(2):
+        ctx, _ = make_context(tmp_path / str(attempt), labels, sam=ThresholdSam())
+        ctx._allow_labels = method_cls.uses_target_labels
+        torch.manual_seed(0)
+        method = method_cls(copy.deepcopy(cfg))
+        assert isinstance(method.variant(), str) and method.variant()
+        model = method.adapt(copy.deepcopy(tiny_source), TargetImages(target), ctx)
+        model.eval()
+        with torch.no_grad():
+            features, logits = model(torch.rand(2, 3, 48, 48))
+        assert logits.shape == (2, len(ORGANS) + 1, 48, 48)
+        assert features.shape[0] == 2 and features.shape[-2:] == (48, 48)
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    before = tiny_source.state_dict()
+    changed = any(not torch.equal(before[k], states[0][k]) for k in before)
+    assert changed == (name not in NO_TRAINING), "a training method must change its parameters"
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), f"{name} is not deterministic for a fixed seed ({key})"
