@@ -2,7 +2,7 @@
 
 Written the obvious way, as the original code does it: per-pixel Python loops build the neighbour tables, the
 region grows by looping over its pixels' neighbour lists, and SAM is decoded at every step (no memo). It
-shares no search logic with ``sfdabench_methods.dfg.box_search``; only ``largest_contour`` and the config
+shares no search logic with ``sfdabench_methods.dfg.box_search``; only ``largest_contour`` (sfdabench.sam.masks) and the config
 dataclass are imported. It follows the same documented choices (no border quirk, float64 cosines, missing
 masks never stable, naive box with the usual margin) so the two must agree pixel for pixel.
 """
@@ -34,7 +34,8 @@ def _ensure_methods_package() -> None:
 
 _ensure_methods_package()
 
-from sfdabench_methods.dfg.box_search import BoxSearchConfig, largest_contour  # noqa: E402
+from sfdabench.sam.masks import largest_contour  # noqa: E402
+from sfdabench_methods.dfg.box_search import BoxSearchConfig  # noqa: E402
 
 
 def reference_search_slice(target_features, probs, sam, embedding, cfg: BoxSearchConfig):
