@@ -1,4 +1,5 @@
-"""The ``sfdabench`` command: ``run`` (Hydra), ``list``, ``prepare`` (real data, see sfdabench/prepare.py).
+"""The ``sfdabench`` command: ``run`` (Hydra), ``list``, ``prepare`` (real data, see sfdabench/prepare.py),
+``leaderboard``, ``compare`` and ``ablate`` (see sfdabench/leaderboard.py, compare.py, ablate.py).
 
 ``sfdabench run method=<m> task=<t> seed=<n> [overrides]`` composes ``configs/run.yaml`` with the
 config groups of every plugin (Hydra search path) and runs one protocol run per job; ``-m`` gives a
@@ -24,6 +25,13 @@ commands:
   list [KIND]            list plugins: methods | tasks | datasets | metrics | sam (default: all)
   prepare task=<t> [data.<dataset>.root=<dir>]
                          preprocess a task's real data into the cache (run does it too when needed)
+  leaderboard [RESULTS...] [--out DIR] [--allow-mixed COL[,COL]]
+                         aggregate leaderboard rows over seeds (mean ± std, n, ranks) -> CSV, Markdown, PNG
+  compare A B [--metric dice] [--max-regression 0.01] [--out report.md]
+                         deltas, rank changes and paired Wilcoxon tests between two leaderboards;
+                         exit code 1 when a row regressed by more than --max-regression (for CI)
+  ablate task=<t> [seeds=[0,1,2]] [variants=[fa+dbs+cp,fa-only]] [overrides]
+                         run the DFG ablation grid (Hydra multirun) and write the ablation table
 """
 
 LIST_KINDS = {"methods": "methods", "tasks": "tasks", "datasets": "datasets", "metrics": "metrics", "sam": "sam"}
@@ -46,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, args = argv[0], argv[1:]
-    commands = {"run": cmd_run, "list": cmd_list, "prepare": _cmd_prepare}
+    commands = {"run": cmd_run, "list": cmd_list, "prepare": _cmd_prepare, "leaderboard": _cmd_leaderboard,
+                "compare": _cmd_compare, "ablate": _cmd_ablate}
     if command not in commands:
         print(f"sfdabench: unknown command '{command}'; available: {', '.join(commands)}", file=sys.stderr)
         return 2
@@ -61,6 +70,25 @@ def _cmd_prepare(args: Sequence[str]) -> int:
     from sfdabench.prepare import cmd_prepare  # lazy: imports Hydra and the dataset readers
 
     return cmd_prepare(list(args))
+
+
+# Lazy imports: pandas/matplotlib/scipy load only for the command that needs them.
+def _cmd_leaderboard(args: Sequence[str]) -> int:
+    from sfdabench.leaderboard import cmd_leaderboard
+
+    return cmd_leaderboard(list(args))
+
+
+def _cmd_compare(args: Sequence[str]) -> int:
+    from sfdabench.compare import cmd_compare
+
+    return cmd_compare(list(args))
+
+
+def _cmd_ablate(args: Sequence[str]) -> int:
+    from sfdabench.ablate import cmd_ablate
+
+    return cmd_ablate(list(args))
 
 
 # ------------------------------------------------------------------------------------------- list

@@ -32,8 +32,8 @@ LEADERBOARD_COLUMNS = [
 
 
 def config_hash(resolved: Mapping[str, Any]) -> str:
-    """Stable hash of a resolved config (keys sorted), ignoring where results go."""
-    cfg = {k: v for k, v in resolved.items() if k not in ("results_dir", "cache_dir", "progress", "hydra")}
+    """Stable hash of a resolved config (keys sorted), ignoring where results go and CPU thread count."""
+    cfg = {k: v for k, v in resolved.items() if k not in ("results_dir", "cache_dir", "progress", "hydra", "num_threads")}
     return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -1,0 +1,275 @@
+"""``sfdabench ablate task=<t> [seeds=[0,1,2]] [variants=[...]] [table_only=true] [overrides]``: DFG's ablation grid.
+
+The grid (default, 17 variants, stage 3 on): FA on/off x box search naive/tbs/mbs/dbs x CP on/off, plus the
+"FA only" row; variants are named as ``DFG.variant()`` names them (``fa+dbs+cp``, ``nofa+naive+nocp``,
+``fa-only``; ``fa+dbs+nos3+cp`` turns stage 3 off). ``variants=[...]`` picks any subset, ``seeds=[...]`` the
+seeds. Every other argument is a Hydra override passed through to every run (``preset=test``, ``device=cpu``,
+``results_dir=...``, ``hydra/launcher=joblib hydra.launcher.n_jobs=2``, ``hydra/launcher=sfdabench_slurm``).
+
+How runs are launched: each variant is registered as an option of the config group ``sfdabench_ablation``
+(Hydra ConfigStore, package ``_global_``) that sets DFG's switches, and the grid is one ordinary multirun,
+``sfdabench run -m method=dfg +sfdabench_ablation=<v1>,<v2>,... seed=<s1>,<s2>,... [overrides]``, through
+``cli.cmd_run``. So every run is a normal protocol run: the configured launcher applies (ConfigStore state
+travels to joblib and SLURM jobs with Hydra's singleton state), finished runs are skipped on relaunch, rows
+land in the leaderboard, and the resolved config, hence the run id, is the same as for a hand-written
+``sfdabench run method=dfg method.cp=false ...``. The expected run ids are computed beforehand from the
+composed configs (``prepare.compose_run_config``), which also checks every grid config before any run starts.
+
+Output: ``<results_dir>/ablations/<task>/ablation.{csv,md}``: variant x organ Dice (mean ± std over seeds) and
+the pseudo-label Dice per stage (``summary.json`` ``diagnostics.pseudo_label_dice``: before SAM, after SAM,
+after CP) where the run recorded it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from sfdabench import leaderboard as lb
+from sfdabench.api import SfdaBenchError, UsageError
+
+log = logging.getLogger("sfdabench")
+
+GROUP = "sfdabench_ablation"
+SEARCHES = ("naive", "tbs", "mbs", "dbs")
+#: DFG's ablation switches: set by the grid, so an override of one would mislabel the grid's rows.
+SWITCH_KEYS = ("method.fa.enabled", "method.search.search", "method.search.stage3", "method.cp",
+               "method.stop_after_fa")
+_VARIANT = re.compile(r"^(?P<fa>fa|nofa)(?:(?P<only>-only)|\+(?P<search>naive|tbs|mbs|dbs)(?P<nos3>\+nos3)?"
+                      r"\+(?P<cp>cp|nocp))$")
+STAGE_LABELS = {"target_model": "PL before SAM", "sam": "PL after SAM", "cp": "PL after CP"}
+
+
+def default_grid() -> list[str]:
+    """FA only, then FA on/off x search x CP on/off (stage 3 on)."""
+    return ["fa-only"] + [f"{fa}+{search}+{cp}" for fa in ("fa", "nofa") for search in SEARCHES
+                          for cp in ("cp", "nocp")]
+
+
+def switches(variant: str) -> dict[str, Any]:
+    """The ``method`` settings of a variant name (the inverse of ``DFG.variant()``)."""
+    m = _VARIANT.match(variant)
+    if not m or (m["nos3"] and m["search"] not in ("mbs", "dbs")):
+        raise UsageError(f"unknown DFG variant '{variant}'; names look like fa+dbs+cp, nofa+naive+nocp, "
+                         f"fa+mbs+nos3+cp (stage 3 off; mbs/dbs only) or fa-only; the default grid: "
+                         f"{','.join(default_grid())}")
+    fa = {"enabled": m["fa"] == "fa"}
+    if m["only"]:
+        return {"fa": fa, "stop_after_fa": True}
+    return {"fa": fa, "search": {"search": m["search"], "stage3": not m["nos3"]}, "cp": m["cp"] == "cp",
+            "stop_after_fa": False}
+
+
+def switch_columns(variant: str) -> dict[str, Any]:
+    """fa, search, stage3, cp of a variant ("-" where the FA-only row has no such phase)."""
+    sw = switches(variant)
+    search = sw.get("search", {})
+    return {"fa": sw["fa"]["enabled"], "search": search.get("search", "-"), "stage3": search.get("stage3", "-"),
+            "cp": sw.get("cp", "-")}
+
+
+def register_variants(variants: Sequence[str]) -> None:
+    """Each variant becomes an option of the ``sfdabench_ablation`` config group (see the module doc)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for variant in variants:
+        store.store(group=GROUP, name=variant, node={"method": switches(variant)}, package="_global_",
+                    provider="sfdabench")
+
+
+def _list(value: str) -> list[str]:
+    return [v.strip() for v in value.strip().strip("[]").split(",") if v.strip()]
+
+
+def parse_args(args: Sequence[str]) -> tuple[list[int], list[str], bool, list[str]]:
+    """(seeds, variants, table_only, pass-through Hydra overrides)."""
+    seeds, variants, table_only, overrides = [0, 1, 2], default_grid(), False, []
+    for arg in args:
+        if arg in ("-m", "--multirun"):
+            continue  # ablate always sweeps
+        key, _, value = arg.partition("=")
+        bare = key.lstrip("+~")
+        if key == "seeds":
+            try:
+                seeds = [int(s) for s in _list(value)]
+            except ValueError:
+                raise UsageError(f"seeds must be integers, e.g. seeds=[0,1,2]; got '{value}'") from None
+        elif key in ("variants", "grid"):
+            variants = list(dict.fromkeys(_list(value)))
+        elif key == "table_only":
+            table_only = value.lower() in ("1", "true", "yes")
+        elif bare == "seed":
+            raise UsageError("ablate takes seeds=[0,1,2] (a list), not seed=")
+        elif bare == "method":
+            raise UsageError("ablate runs DFG's grid (method=dfg); run other methods with sfdabench run -m")
+        elif bare in SWITCH_KEYS:
+            raise UsageError(f"{bare} is set by the ablation grid; choose variants=[...] instead "
+                             f"(e.g. variants=[fa+dbs+cp,fa+dbs+nocp])")
+        else:
+            overrides.append(arg)
+    if not seeds or not variants:
+        raise UsageError("ablate needs at least one seed and one variant")
+    for variant in variants:
+        switches(variant)  # names checked before anything runs
+    _refuse_sweeps(overrides)
+    return seeds, variants, table_only, overrides
+
+
+def _refuse_sweeps(overrides: Sequence[str]) -> None:
+    # The grid is variants x seeds; a sweep in an override would make runs the table does not know about.
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("hydra")])
+    except Exception as exc:  # noqa: BLE001 - Hydra's parse errors have several types
+        raise UsageError(" ".join(str(exc).split())) from None
+    sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
+    if sweeps:
+        raise UsageError(f"ablate sweeps variants x seeds only; run one setting at a time: {', '.join(sweeps)}")
+
+
+# ------------------------------------------------------------------------------------ expected runs
+
+
+def expected_runs(seeds: Sequence[int], variants: Sequence[str], overrides: Sequence[str]) -> tuple[pd.DataFrame, Any]:
+    """(variant, seed, run_id) of every grid run, from the composed configs; and one composed config."""
+    from sfdabench.api import _plain
+    from sfdabench.plugins import get_registry
+    from sfdabench.prepare import compose_run_config
+    from sfdabench.results import config_hash
+
+    dfg = get_registry().get("methods", "dfg")
+    records, cfg = [], None
+    for variant in variants:
+        for seed in seeds:
+            cfg = compose_run_config(["method=dfg", f"+{GROUP}={variant}", f"seed={seed}", *overrides])
+            named = dfg(cfg.method).variant()
+            if named != variant:  # the grid's names must be the names the runs get
+                raise SfdaBenchError(f"ablation variant '{variant}' composes to a run named '{named}'")
+            records.append({"variant": variant, "seed": seed, "run_id": config_hash(_plain(cfg))})
+    return pd.DataFrame(records), cfg
+
+
+def launch(seeds: Sequence[int], variants: Sequence[str], overrides: Sequence[str]) -> None:
+    """One Hydra multirun over variants x seeds through ``cmd_run`` (launchers apply)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sfdabench.cli import cmd_run
+
+    try:
+        cmd_run(["-m", "method=dfg", f"+{GROUP}={','.join(variants)}", f"seed={','.join(map(str, seeds))}",
+                 *overrides])
+    finally:
+        GlobalHydra.instance().clear()  # hydra.main leaves itself initialised; a later compose would refuse
+
+
+# -------------------------------------------------------------------------------------------- table
+
+
+def pseudo_label_rows(expected: pd.DataFrame, folders: dict[str, Path]) -> pd.DataFrame:
+    """Long table (variant, seed, stage, organ, value) of the runs' pseudo-label Dice diagnostics."""
+    rows = []
+    for run in expected.itertuples(index=False):
+        path = folders.get(run.run_id, Path("/nonexistent")) / "summary.json"
+        if not path.is_file():
+            continue
+        stages = json.loads(path.read_text()).get("diagnostics", {}).get("pseudo_label_dice", {}) or {}
+        for stage, organs in stages.items():
+            for organ, value in organs.items():
+                rows.append({"variant": run.variant, "seed": run.seed, "stage": stage, "organ": organ,
+                             "value": float("nan") if value is None else float(value)})
+    return pd.DataFrame(rows, columns=["variant", "seed", "stage", "organ", "value"])
+
+
+def ablation_table(expected: pd.DataFrame, results_dir: Path) -> tuple[pd.DataFrame, list[str]]:
+    """Variant x organ: Dice/ASD/HD95 mean, std, n over seeds, plus ``pl_<stage>_{mean,std,n}`` columns.
+    Returns the table and the (variant, seed) of runs that have no leaderboard rows yet."""
+    board = lb.read_leaderboard(results_dir) if (results_dir / "leaderboard.csv").is_file() else None
+    rows = board[board["run_id"].isin(set(expected["run_id"]))] if board is not None else pd.DataFrame()
+    found = set(rows["run_id"]) if len(rows) else set()
+    missing = [f"{r.variant} seed {r.seed}" for r in expected.itertuples(index=False) if r.run_id not in found]
+    variants = list(dict.fromkeys(expected["variant"]))
+    if not len(rows):
+        return pd.DataFrame(columns=["variant", "organ"]), missing
+    summary = lb.aggregate(rows)
+    stats = [f"{m}_{s}" for m in lb.METRICS for s in ("mean", "std", "n") if f"{m}_{s}" in summary]
+    keep = ["variant", "organ", "n_seeds", "seeds", *stats] + (["asd_unit"] if "asd_unit" in summary else [])
+    columns = pd.DataFrame([{"variant": v, **switch_columns(v)} for v in variants])  # for readers of the CSV
+    table = summary[keep].merge(columns, on="variant", how="left")
+    pl = pseudo_label_rows(expected[expected["run_id"].isin(found)], lb.run_folders(results_dir))
+    if len(pl):
+        pl_stats = pl.groupby(["variant", "organ", "stage"], sort=False)["value"].agg(["mean", "std", "count"])
+        pl_stats = pl_stats.rename(columns={"count": "n"}).unstack("stage")
+        pl_stats = pl_stats.reorder_levels([1, 0], axis=1)[list(dict.fromkeys(pl["stage"]))]  # stage: mean, std, n
+        pl_stats.columns = [f"pl_{stage}_{stat}" for stage, stat in pl_stats.columns]
+        table = table.merge(pl_stats.reset_index(), on=["variant", "organ"], how="left")
+        counts = [c for c in table if c.startswith("pl_") and c.endswith("_n")]
+        table[counts] = table[counts].fillna(0).astype(int)  # variants without pseudo-labels: 0 values
+    order = {v: i for i, v in enumerate(variants)}
+    organs = lb.organ_order(rows)
+    table = table.assign(_v=table["variant"].map(order), _o=table["organ"].map({o: i for i, o in enumerate(organs)}))
+    table = table.sort_values(["_v", "_o"]).drop(columns=["_v", "_o"]).reset_index(drop=True)
+    lead = ["variant", "fa", "search", "stage3", "cp", "organ", "n_seeds", "seeds"]
+    return table[lead + [c for c in table.columns if c not in lead]], missing
+
+
+def ablation_markdown(table: pd.DataFrame, task: str, seeds: Sequence[int], missing: Sequence[str]) -> str:
+    organs = [o for o in dict.fromkeys(table["organ"]) if o != "mean"]
+    stages = [c[3:-5] for c in table.columns if c.startswith("pl_") and c.endswith("_mean")]
+    stages = sorted(stages, key=lambda s: list(STAGE_LABELS).index(s) if s in STAGE_LABELS else len(STAGE_LABELS))
+    header = ["variant", "FA", "search", "CP", "seeds", *organs, "mean",
+              *[STAGE_LABELS.get(s, f"PL {s}") for s in stages]]
+    lines = []
+    for variant, g in table.groupby("variant", sort=False):
+        by_organ = g.set_index("organ")
+        first = g.iloc[0]
+        fa_only = first["search"] == "-"
+        cells = [variant, "yes" if first["fa"] else "no", "(stop after FA)" if fa_only else first["search"],
+                 "-" if fa_only else ("yes" if first["cp"] else "no"), str(int(g["n_seeds"].max()))]
+        cells += [lb.cell(by_organ, o, "dice") for o in organs + ["mean"]]
+        for stage in stages:
+            mean_row = by_organ.loc["mean"] if "mean" in by_organ.index else None
+            value = None if mean_row is None else mean_row.get(f"pl_{stage}_mean")
+            # "-": this variant has no such stage (FA only has no pseudo-labels)
+            cells.append("-" if value is None or pd.isna(value) else lb.fmt(value, mean_row.get(f"pl_{stage}_std")))
+        lines.append(cells)
+    text = (f"### DFG ablation on {task}\n\nTarget-test Dice per organ and mean over organs, mean ± std over "
+            f"seeds {', '.join(map(str, seeds))}. PL: pseudo-label Dice (mean over organs) on target-train "
+            f"against its ground truth (measured only, never used by the method).\n\n")
+    text += lb.markdown_table(header, lines, ["l"] * 4 + ["r"] * (len(header) - 4)) if lines else "(no runs yet)"
+    if missing:
+        text += f"\n\nMissing runs ({len(missing)}): {', '.join(missing)}"
+    return text + "\n"
+
+
+def write_table(expected: pd.DataFrame, results_dir: Path, task: str, seeds: Sequence[int]) -> tuple[str, list[str]]:
+    from sfdabench.results import atomic_write_text
+
+    table, missing = ablation_table(expected, results_dir)
+    text = ablation_markdown(table, task, seeds, missing)
+    out = results_dir / "ablations" / task
+    atomic_write_text(out / "ablation.csv", table.to_csv(index=False))
+    atomic_write_text(out / "ablation.md", text)
+    log.info("ablation table: %s, %s", out / "ablation.csv", out / "ablation.md")
+    return text, missing
+
+
+def cmd_ablate(args: Sequence[str]) -> int:
+    seeds, variants, table_only, overrides = parse_args(args)
+    register_variants(variants)
+    expected, cfg = expected_runs(seeds, variants, overrides)
+    results_dir, task = Path(cfg.results_dir), str(cfg.task.name)
+    folders = lb.run_folders(results_dir)
+    todo = [r for r in expected.itertuples(index=False)
+            if not (folders.get(r.run_id, Path("/nonexistent")) / "done").exists()]
+    log.info("ablation on %s: %d variants x %d seeds, %d run(s) to do", task, len(variants), len(seeds), len(todo))
+    if todo and not table_only:
+        launch(seeds, variants, overrides)  # finished runs are skipped by the protocol itself
+    text, missing = write_table(expected, results_dir, task, seeds)
+    print(text)
+    return 1 if missing and not table_only else 0

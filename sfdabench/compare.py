@@ -1,0 +1,230 @@
+"""``sfdabench compare A B [--metric dice] [--max-regression 0.01] [--out report.md]``: what changed from A to B.
+
+A and B are leaderboard CSVs (or results dirs). Each side is aggregated over seeds as by ``sfdabench
+leaderboard`` and the sides are aligned by (task, method, variant, organ). The report gives, per aligned row,
+the chosen metric on both sides, the deltas (B - A) of the Dice/ASD/HD95 means, the rank change, and a paired
+Wilcoxon signed-rank test over matched per-case values: the runs' ``per_case.csv`` files are found through
+the results dir that holds each CSV (``runs/*__<run_id>/``) and matched by (task, method, variant, seed,
+case, organ); the ``mean`` organ pairs each case's mean over organs. Rows on one side only and protocol
+differences between the sides are listed separately.
+
+Exit code 0, or 1 when an aligned row regressed by more than ``--max-regression`` on ``--metric`` (Dice: a
+decrease; ASD/HD95: an increase), so CI can gate on it.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from sfdabench import leaderboard as lb
+from sfdabench.api import UsageError
+
+ALIGN = ["task", "method", "variant", "organ"]
+CASE_KEY = ["task", "method", "variant", "seed", "case", "organ"]
+
+
+@dataclass
+class Side:
+    label: str
+    path: Path
+    rows: pd.DataFrame          # leaderboard rows (one run per seed)
+    summary: pd.DataFrame       # aggregated over seeds
+    per_case: pd.DataFrame      # matched per-case values (may be empty)
+    missing_runs: list[str]     # run ids without a per_case.csv next to the CSV
+
+
+def load_side(label: str, path: str | Path, allow_mixed: Sequence[str] = ()) -> Side:
+    csv = lb.resolve_input(path)
+    rows = lb.load_rows([csv])
+    summary = lb.aggregate(rows, allow_mixed)
+    rows = lb.latest_run_per_seed(rows, lb.group_key(allow_mixed), warn=False)  # as aggregated
+    dup = summary.duplicated(ALIGN, keep=False)
+    if dup.any():
+        first = summary[dup].iloc[0]
+        raise UsageError(f"{label} ({csv}) has several groups (SAM backends or mixed protocols) for {first.task} "
+                         f"{first.method}/{first.variant}; compare one at a time")
+    per_case, missing = per_case_values(rows, csv.parent)
+    return Side(label, csv, rows, summary, per_case, missing)
+
+
+def per_case_values(rows: pd.DataFrame, results_dir: Path) -> tuple[pd.DataFrame, list[str]]:
+    """Per-case metrics of the leaderboard's runs, from ``results_dir/runs/*__<run_id>/per_case.csv``."""
+    runs = rows.drop_duplicates("run_id") if "run_id" in rows else rows.iloc[:0]
+    folders = lb.run_folders(results_dir)
+    frames, missing = [], []
+    for run in runs.itertuples(index=False):
+        path = folders.get(str(run.run_id), Path("/nonexistent")) / "per_case.csv"
+        if not path.is_file():
+            missing.append(str(run.run_id))
+            continue
+        cases = pd.read_csv(path, dtype={"case": str, "run_id": str})
+        metrics = [m for m in lb.METRICS if m in cases]
+        cases = cases[["case", "organ", *metrics]]
+        # The overall ("mean") row pairs each case's mean over organs, as the leaderboard's mean row
+        # averages organs.
+        overall = cases.groupby("case", sort=False)[metrics].mean().reset_index().assign(organ="mean")
+        cases = pd.concat([cases, overall], ignore_index=True)
+        for col in ("task", "method", "variant", "seed"):
+            cases[col] = getattr(run, col)
+        frames.append(cases)
+    if not frames:
+        return pd.DataFrame(columns=CASE_KEY + list(lb.METRICS)), missing
+    return pd.concat(frames, ignore_index=True), missing
+
+
+def wilcoxon(a: np.ndarray, b: np.ndarray) -> tuple[float, int]:
+    """Two-sided paired Wilcoxon signed-rank p-value over pairs where both values exist, and the pair count."""
+    from scipy.stats import wilcoxon as _wilcoxon
+
+    ok = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[ok], b[ok]
+    n = int(ok.sum())
+    if n < 2:
+        return math.nan, n
+    if np.allclose(a, b, rtol=0, atol=1e-12):
+        return 1.0, n  # identical paired values: no evidence of a difference (scipy would warn and give nan)
+    return float(_wilcoxon(b, a).pvalue), n
+
+
+def protocol_differences(a: Side, b: Side) -> list[str]:
+    """Protocol facts of aligned (task, method, variant) groups that differ between the sides."""
+    lines = []
+    cols = [c for c in lb.GLOBAL_PROTOCOL + lb.TASK_PROTOCOL + ("sam",) if c in a.rows and c in b.rows]
+    groups = a.rows[["task", "method", "variant"]].drop_duplicates().merge(
+        b.rows[["task", "method", "variant"]].drop_duplicates())
+    for g in groups.itertuples(index=False):
+        ga = a.rows[(a.rows.task == g.task) & (a.rows.method == g.method) & (a.rows.variant == g.variant)]
+        gb = b.rows[(b.rows.task == g.task) & (b.rows.method == g.method) & (b.rows.variant == g.variant)]
+        for col in cols:
+            va, vb = sorted(set(ga[col])), sorted(set(gb[col]))
+            if va != vb:
+                lines.append(f"{g.task} {g.method}/{g.variant}: {col} {'/'.join(va)!r} (A) vs {'/'.join(vb)!r} (B)")
+        if "source_ckpt" in ga and "source_ckpt" in gb:
+            ca = ga.drop_duplicates("seed").set_index("seed")["source_ckpt"]
+            cb = gb.drop_duplicates("seed").set_index("seed")["source_ckpt"]
+            seeds = [s for s in ca.index if s in cb.index and ca[s] != cb[s]]
+            if seeds:
+                lines.append(f"{g.task} {g.method}/{g.variant}: source_ckpt differs for seed "
+                             f"{', '.join(map(str, seeds))} (e.g. {ca[seeds[0]]} (A) vs {cb[seeds[0]]} (B))")
+    return lines
+
+
+def compare(a: Side, b: Side, metric: str = "dice", max_regression: float = 0.01) -> pd.DataFrame:
+    """Aligned rows with deltas (B - A), rank change, Wilcoxon p over matched cases, regression flag."""
+    cols = ALIGN + ["sfda"] + [f"{m}_mean" for m in lb.METRICS if f"{m}_mean" in a.summary] + \
+        [f"rank_{metric}", "n_seeds"]
+    table = a.summary[cols].merge(b.summary[cols], on=ALIGN, suffixes=("_a", "_b"))
+    # Rows of one method/variant together (the summaries are sorted by organ; a stable sort keeps that order).
+    table = table.sort_values(["task", "method", "variant"], kind="stable").reset_index(drop=True)
+    for m in lb.METRICS:
+        if f"{m}_mean_a" in table and f"{m}_mean_b" in table:
+            table[f"delta_{m}"] = table[f"{m}_mean_b"] - table[f"{m}_mean_a"]
+    # Paired test on the chosen metric over cases present on both sides (same seed, case, organ).
+    pairs = a.per_case.merge(b.per_case, on=CASE_KEY, suffixes=("_a", "_b"))
+    pvals, counts = [], []
+    for row in table.itertuples(index=False):
+        sel = pairs[(pairs.task == row.task) & (pairs.method == row.method) & (pairs.variant == row.variant)
+                    & (pairs.organ == row.organ)]
+        p, n = (wilcoxon(sel[f"{metric}_a"].to_numpy(float), sel[f"{metric}_b"].to_numpy(float))
+                if len(sel) and f"{metric}_a" in sel else (math.nan, 0))
+        pvals.append(p)
+        counts.append(n)
+    table["wilcoxon_p"], table["n_pairs"] = pvals, counts
+    sign = 1.0 if lb.HIGHER_IS_BETTER[metric] else -1.0
+    gain = sign * table[f"delta_{metric}"]   # > 0: better on the chosen metric
+    table["regressed"] = gain < -max_regression
+    table["improved"] = gain > max_regression
+    return table
+
+
+def one_sided(a: Side, b: Side) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(task, method, variant, organs) present only in A, only in B."""
+    def only(x: Side, y: Side) -> pd.DataFrame:
+        keys = x.summary[ALIGN].merge(y.summary[ALIGN], how="left", indicator=True)
+        rest = keys[keys["_merge"] == "left_only"]
+        return (rest.groupby(["task", "method", "variant"], sort=False)["organ"]
+                .agg(lambda s: ", ".join(s)).reset_index())
+    return only(a, b), only(b, a)
+
+
+def report(a: Side, b: Side, table: pd.DataFrame, metric: str, max_regression: float) -> str:
+    better = "higher" if lb.HIGHER_IS_BETTER[metric] else "lower"
+    n_reg = int(table["regressed"].sum())
+    lines = [f"# sfdabench compare", "",
+             f"- A: `{a.path}` ({a.rows['run_id'].nunique() if 'run_id' in a.rows else '?'} runs)",
+             f"- B: `{b.path}` ({b.rows['run_id'].nunique() if 'run_id' in b.rows else '?'} runs)",
+             f"- metric: {metric} ({better} is better); regression: worse by more than {max_regression:g}; "
+             f"deltas are B - A of the means over seeds; p: paired two-sided Wilcoxon signed-rank test over "
+             f"matched (seed, case) values of {metric}", ""]
+    digits = lb.DIGITS[metric]
+    header = ["task", "method", "variant", "organ", f"{metric} A", f"{metric} B", "Δ dice", "Δ asd", "Δ hd95",
+              f"rank ({metric}) A→B", "p (n pairs)", "status"]
+    rows = []
+    for r in table.itertuples(index=False):
+        d = r._asdict()
+        status = "REGRESSION" if d["regressed"] else ("improved" if d["improved"] else "")
+        if pd.isna(d[f"delta_{metric}"]):
+            status = "n/a"
+        rows.append([r.task, lb.method_label(r.method, bool(d["sfda_a"]) and bool(d["sfda_b"])), r.variant, r.organ,
+                     lb.fmt(d[f"{metric}_mean_a"], digits=digits), lb.fmt(d[f"{metric}_mean_b"], digits=digits),
+                     _delta(d.get("delta_dice"), 3), _delta(d.get("delta_asd"), 2), _delta(d.get("delta_hd95"), 2),
+                     f"{_rank(d[f'rank_{metric}_a'])}→{_rank(d[f'rank_{metric}_b'])}",
+                     "-" if pd.isna(d["wilcoxon_p"]) else f"{d['wilcoxon_p']:.3g} ({d['n_pairs']})", status])
+    lines.append(lb.markdown_table(header, rows, ["l"] * 4 + ["r"] * 7 + ["l"]) if rows else "(no aligned rows)")
+    only_a, only_b = one_sided(a, b)
+    for name, only in (("A", only_a), ("B", only_b)):
+        if len(only):
+            lines += ["", f"## Only in {name}", ""]
+            lines += [f"- {r.task} {r.method}/{r.variant}: {r.organ}" for r in only.itertuples(index=False)]
+    diffs = protocol_differences(a, b)
+    if diffs:
+        lines += ["", "## Protocol differences (deltas across these rows compare different protocols)", ""]
+        lines += [f"- {d}" for d in diffs]
+    for side in (a, b):
+        if side.missing_runs:
+            lines += ["", f"Note: no per_case.csv for {len(side.missing_runs)} run(s) of {side.label} under "
+                          f"{side.path.parent / 'runs'}; Wilcoxon tests use the runs found."]
+    lines += ["", f"**{len(table)} aligned rows, {n_reg} regression(s) on {metric} beyond {max_regression:g}"
+                  + (" -> exit code 1**" if n_reg else "**")]
+    return "\n".join(lines) + "\n"
+
+
+def _delta(v, digits: int) -> str:
+    return "n/a" if v is None or pd.isna(v) else f"{v:+.{digits}f}"
+
+
+def _rank(v) -> str:
+    return "-" if v is None or pd.isna(v) else str(int(v))
+
+
+def cmd_compare(args: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="sfdabench compare",
+                                     description="Compare two leaderboards (B against A); exit 1 on regression.")
+    parser.add_argument("a", help="baseline leaderboard CSV or results dir")
+    parser.add_argument("b", help="new leaderboard CSV or results dir")
+    parser.add_argument("--metric", choices=lb.METRICS, default="dice")
+    parser.add_argument("--max-regression", type=float, default=0.01,
+                        help="largest tolerated worsening of a mean (default 0.01)")
+    parser.add_argument("--out", type=Path, help="also write the Markdown report here")
+    parser.add_argument("--allow-mixed", action="append", metavar="COL[,COL]",
+                        help="aggregate each side despite differing protocol columns")
+    ns = parser.parse_args(list(args))
+    allow = lb.parse_allow_mixed(ns.allow_mixed)
+    a, b = load_side("A", ns.a, allow), load_side("B", ns.b, allow)
+    for side in (a, b):
+        if f"{ns.metric}_mean" not in side.summary:
+            raise UsageError(f"{side.path} has no {ns.metric} column")
+    table = compare(a, b, ns.metric, ns.max_regression)
+    text = report(a, b, table, ns.metric, ns.max_regression)
+    print(text)
+    if ns.out:
+        from sfdabench.results import atomic_write_text
+
+        atomic_write_text(ns.out, text)
+    return 1 if table["regressed"].any() else 0
