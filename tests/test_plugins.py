@@ -51,7 +51,7 @@ def _broken_site(tmp_path: Path) -> Path:
 
 
 def test_broken_plugin_is_reported_and_the_rest_works(tmp_path):
-    env = {"PYTHONPATH": str(_broken_site(tmp_path))}
+    env = {"PYTHONPATH": str(_broken_site(tmp_path)), "SFDABENCH_STRICT_PLUGINS": "0"}  # CI sets it to 1
     out = run_cli("list", "methods", cwd=tmp_path, env=env)
     assert out.returncode == 0
     assert "source_only" in out.stdout
