@@ -125,6 +125,22 @@ def _dilate(mask: np.ndarray, px: int = 1) -> np.ndarray:
     return mask
 
 
+def _main_parts(mask: np.ndarray, min_fraction: float) -> np.ndarray:
+    """Per slice, the in-plane connected components of ``mask`` with at least ``min_fraction`` of the
+    slice's largest component."""
+    labels, n = ndimage.label(mask, structure=np.array([[[0, 0, 0]] * 3, [[0, 1, 0], [1, 1, 1], [0, 1, 0]],
+                                                        [[0, 0, 0]] * 3], bool))
+    if n == 0:
+        return mask
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    comp_slice = ndimage.maximum(np.arange(mask.shape[0])[:, None, None] * np.ones_like(labels), labels,
+                                 np.arange(1, n + 1)).astype(int)
+    largest = np.zeros(mask.shape[0], int)
+    np.maximum.at(largest, comp_slice, sizes[1:])
+    keep = np.concatenate([[False], sizes[1:] >= min_fraction * largest[comp_slice]])
+    return keep[labels]
+
+
 def _erode(mask: np.ndarray, px: int = 1) -> np.ndarray:
     return ~_dilate(~mask, px)
 
@@ -202,7 +218,8 @@ def generate_anatomy(seed: int, size: int = 128, num_slices: int = 20,
     # --- great vessels (tubes along z, slight drift)
     ar = u(9, 12.5)
     aorta = _section(g, rng, vx + u(6, 16) + u(-4, 4) * t, vy - rv - ar - u(0, 3), ar, ar)
-    ivc = _section(g, rng, vx - u(22, 32) + u(-4, 4) * t, vy - rv - u(4, 12), u(10, 14), u(6, 10), angle=u(-0.3, 0.3))
+    ivx, ivy = vx - u(22, 32), vy - rv - u(4, 12)
+    ivc = _section(g, rng, ivx + u(-4, 4) * t, ivy, u(10, 14), u(6, 10), angle=u(-0.3, 0.3))
 
     # --- kidneys: bean = rotated ellipsoid minus an antero-medial hilum notch; medulla inside
     kidneys, medulla = {}, np.zeros(g.shape, bool)
@@ -248,14 +265,16 @@ def generate_anatomy(seed: int, size: int = 128, num_slices: int = 20,
     lx, ly = cx0 - Ai * u(0.3, 0.45), cy0 - Bi * u(0.0, 0.2)
     right_lobe = _section(g, rng, lx - u(0, 20) * np.clip(t - tp, 0, None), ly + u(0, 25) * np.clip(t - tp, 0, None),
                           Ai * u(0.5, 0.65), Bi * u(0.7, 0.85), l_prof, angle=u(-0.3, 0.3), lobulation=0.05)
-    ll_end = u(0.3, 0.55)
+    ll_end = u(0.3, 0.5)
     ll_prof = _ellipsoid_profile(t, (t0 + ll_end) / 2 + u(0.0, 0.04), (ll_end - t0) / 2)
     llx, lly = cx0 + u(-5, 35), cy0 - Bi * u(0.35, 0.55)
     left_lobe = _section(g, rng, llx, lly, Ai * u(0.3, 0.5), Bi * u(0.2, 0.3), ll_prof, angle=u(-0.4, 0.1),
                          lobulation=0.08)
-    bridge = _section(g, rng, (lx + llx) / 2, (ly + lly) / 2, Ai * 0.35, Bi * 0.32,
-                      _ellipsoid_profile(t, (t0 + ll_end) / 2 + 0.04, (ll_end - t0) / 2 + 0.04), lobulation=0.05)
-    liver = right_lobe | left_lobe | bridge
+    # the bridge (medial segment) ends with the left lobe, so low slices hold no liver wrapped around the aorta
+    bridge = _section(g, rng, (lx + llx) / 2, (ly + lly) / 2 - Bi * 0.05, Ai * 0.35, Bi * 0.26,
+                      _ellipsoid_profile(t, (t0 + ll_end) / 2 + 0.02, (ll_end - t0) / 2), lobulation=0.05)
+    # nothing of the liver medial to and behind the IVC (that is crus, adrenal and aorta territory)
+    liver = (right_lobe | left_lobe | bridge) & ~((g.x > ivx - 5) & (g.y > ivy - 5))
 
     # gallbladder under the inferior liver surface (most patients)
     gall = np.zeros(g.shape, bool)
@@ -265,12 +284,11 @@ def generate_anatomy(seed: int, size: int = 128, num_slices: int = 20,
 
     # intrahepatic vessels: hepatic veins fanning out of the IVC at the top, portal branches lower down
     vessels = np.zeros(g.shape, bool)
-    ix, iy = vx - 27, vy - rv - 8
     for _ in range(rng.integers(2, 4)):
         ang, dist, tend = u(-np.pi, -np.pi / 6), u(40, 80), u(0.2, 0.4)
         f = np.clip(t / tend, 0, 1)
         r = u(3, 5)
-        vessels |= _section(g, rng, ix + np.cos(ang) * dist * f, iy + np.sin(ang) * dist * f, r, r) & (t < tend)
+        vessels |= _section(g, rng, ivx + np.cos(ang) * dist * f, ivy + np.sin(ang) * dist * f, r, r) & (t < tend)
     for _ in range(rng.integers(2, 5)):
         ta = u(0.3, 0.5)
         r = u(2.5, 4.5)
@@ -305,20 +323,29 @@ def generate_anatomy(seed: int, size: int = 128, num_slices: int = 20,
     occupied = bones | paraspinal
     inner = _erode(cavity)                                # organs keep off the abdominal wall (properitoneal fat)
 
-    def claim(mask: np.ndarray, gap: bool) -> np.ndarray:
-        nonlocal occupied
-        keep = mask & inner & ~(_dilate(occupied) if gap else occupied)
-        occupied = occupied | keep
+    reserved = occupied.copy()                            # claimed tissue + fat kept free around it
+
+    def claim(mask: np.ndarray, gap: bool, fat_rim: int = 0) -> np.ndarray:
+        nonlocal occupied, reserved
+        keep = mask & inner & ~(_dilate(reserved) if gap else reserved)
+        occupied |= keep
+        reserved |= _dilate(keep, fat_rim) if fat_rim else keep
         return keep
 
     out["aorta"] = claim(aorta, gap=False)
     out["ivc"] = claim(ivc, gap=False)
     psoas = claim(psoas, gap=False)
     for name in ("right_kidney", "left_kidney"):
-        out[name] = claim(kidneys[name], gap=True)
+        out[name] = claim(kidneys[name], gap=True, fat_rim=1)     # perirenal fat
     out["spleen"] = claim(spleen, gap=True)
     out["gallbladder"] = claim(gall, gap=True)
     out["liver"] = claim(liver, gap=True)
+    # Carving (IVC, gallbladder, kidney) can leave crumbs of liver; a crumb would stretch the organ's box over
+    # half the abdomen, so it goes back to the pool (becomes fat or bowel).
+    crumbs = out["liver"] & ~_main_parts(out["liver"], 0.15)
+    out["liver"] &= ~crumbs
+    occupied &= ~crumbs
+    reserved &= ~crumbs
 
     wall_m, fluid, gas, stool = (np.zeros(g.shape, bool) for _ in range(4))
     mottle = ndimage.gaussian_filter(rng.standard_normal(g.shape).astype(np.float32), (0, 1.5, 1.5))
@@ -423,12 +450,12 @@ def render(anatomy: Mapping[str, np.ndarray], modality: str, seed: int, *, noise
         out = np.clip(img, 0, 1200) / 1200.0
     else:
         # faint streaks through the spine (beam hardening), per slice at random angles
-        bone = anatomy["vertebral_body"] | anatomy["cortical_bone"]
-        cy_, cx_ = (np.mean(np.nonzero(bone.any(0))[i]) / (shape[1 + i] - 1) * 2 - 1 if bone.any() else 0.0
-                    for i in range(2))
+        bone = (anatomy["vertebral_body"] | anatomy["cortical_bone"]).any(axis=0)
+        rows, cols = np.nonzero(bone) if bone.any() else ([h / 2], [w / 2])
+        cy_, cx_ = np.mean(rows) / (h - 1) * 2 - 1, np.mean(cols) / (w - 1) * 2 - 1   # in [-1, 1] like yy, xx
         for _ in range(rng.integers(2, 6)):
             ang = rng.uniform(0, np.pi, size=(z, 1, 1))
-            dist = np.abs((xx - cx_) * np.sin(ang) - (yy - cy_) * np.cos(ang)) * (w / 2)
+            dist = np.abs((xx - cx_) * np.sin(ang) - (yy - cy_) * np.cos(ang)) * (w / 2)     # pixels
             img = img + (rng.uniform(-18, 18) * np.exp(-(dist / 1.2) ** 2)).astype(np.float32)
         sigma = rng.uniform(8, 15) * noise
         n = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), (0, 0.5, 0.5))
