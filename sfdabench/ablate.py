@@ -17,7 +17,8 @@ composed configs (``prepare.compose_run_config``), which also checks every grid 
 
 Output: ``<results_dir>/ablations/<task>/ablation.{csv,md}``: variant x organ Dice (mean ± std over seeds) and
 the pseudo-label Dice per stage (``summary.json`` ``diagnostics.pseudo_label_dice``: before SAM, after SAM,
-after CP) where the run recorded it.
+after CP, and the ground-truth-box ceiling) and the box-search efficiency (``diagnostics.box_search_efficiency``)
+where the run recorded them.
 """
 from __future__ import annotations
 
@@ -41,7 +42,10 @@ SWITCH_KEYS = ("method.fa.enabled", "method.search.search", "method.search.stage
                "method.stop_after_fa")
 _VARIANT = re.compile(r"^(?P<fa>fa|nofa)(?:(?P<only>-only)|\+(?P<search>naive|tbs|mbs|dbs)(?P<nos3>\+nos3)?"
                       r"\+(?P<cp>cp|nocp))$")
-STAGE_LABELS = {"target_model": "PL before SAM", "sam": "PL after SAM", "cp": "PL after CP"}
+STAGE_LABELS = {"target_model": "PL before SAM", "sam": "PL after SAM", "cp": "PL after CP",
+                "gt_box_ceiling": "PL ceiling (GT boxes)", "efficiency": "box-search efficiency"}
+#: Not a pseudo-label Dice but a ratio of two (``diagnostics.box_search_efficiency``): PL after SAM / ceiling.
+EFFICIENCY = "efficiency"
 
 
 def default_grid() -> list[str]:
@@ -178,7 +182,10 @@ def pseudo_label_rows(expected: pd.DataFrame, folders: dict[str, Path]) -> pd.Da
         path = folders.get(run.run_id, Path("/nonexistent")) / "summary.json"
         if not path.is_file():
             continue
-        stages = json.loads(path.read_text()).get("diagnostics", {}).get("pseudo_label_dice", {}) or {}
+        diagnostics = json.loads(path.read_text()).get("diagnostics", {}) or {}
+        stages = dict(diagnostics.get("pseudo_label_dice", {}) or {})
+        if diagnostics.get("box_search_efficiency"):
+            stages[EFFICIENCY] = diagnostics["box_search_efficiency"]
         for stage, organs in stages.items():
             for organ, value in organs.items():
                 rows.append({"variant": run.variant, "seed": run.seed, "stage": stage, "organ": organ,
@@ -240,7 +247,8 @@ def ablation_markdown(table: pd.DataFrame, task: str, seeds: Sequence[int], miss
         lines.append(cells)
     text = (f"### DFG ablation on {task}\n\nTarget-test Dice per organ and mean over organs, mean ± std over "
             f"seeds {', '.join(map(str, seeds))}. PL: pseudo-label Dice (mean over organs) on target-train "
-            f"against its ground truth (measured only, never used by the method).\n\n")
+            f"against its ground truth (measured only, never used by the method). PL ceiling: SAM prompted with "
+            f"the ground-truth boxes; box-search efficiency: PL after SAM / PL ceiling (mean row).\n\n")
     text += lb.markdown_table(header, lines, ["l"] * 4 + ["r"] * (len(header) - 4)) if lines else "(no runs yet)"
     if missing:
         text += f"\n\nMissing runs ({len(missing)}): {', '.join(missing)}"

@@ -175,6 +175,7 @@ class Context:
                  organs: Sequence[str], sam_factory: Callable[[], SamBackend] | None = None,
                  label_oracle: Callable[[], list[np.ndarray]] | None = None,
                  pseudo_label_scorer: Callable[[list[np.ndarray]], dict[str, float]] | None = None,
+                 box_ceiling: Callable[["SamBackend", int], tuple[dict[str, float], dict]] | None = None,
                  allow_labels: bool = False, progress: bool = True):
         self.device = device
         self.seed = seed
@@ -189,6 +190,7 @@ class Context:
         self._sam: SamBackend | None = None
         self._label_oracle = label_oracle
         self._scorer = pseudo_label_scorer
+        self._box_ceiling = box_ceiling
         self._allow_labels = allow_labels
         self.log = log
 
@@ -235,6 +237,25 @@ class Context:
         scores = self._scorer(volumes)
         self.diagnostics.setdefault("pseudo_label_dice", {})[stage] = scores
         return scores
+
+    def compare_with_box_ceiling(self, stage: str, *, margin: int) -> None:
+        """Measure how close a box search came to its ceiling (measurement only, nothing is returned).
+
+        The harness prompts ``self.sam`` with the ground-truth box (``margin`` pixels wider on each side: pass
+        the search's own margin) of every organ on every target-train slice, scores those pseudo-labels
+        (``pseudo_label_dice/gt_box_ceiling``) and records ``box_search_efficiency`` = pseudo-label Dice of
+        ``stage`` / ceiling Dice, per organ and for ``mean``. Call it after ``pseudo_label_quality(stage, ...)``.
+        """
+        searched = self.diagnostics.get("pseudo_label_dice", {}).get(stage)
+        if self._box_ceiling is None or searched is None:
+            return
+        start = time.perf_counter()
+        ceiling, stats = self._box_ceiling(self.sam, int(margin))
+        self.diagnostics["pseudo_label_dice"]["gt_box_ceiling"] = ceiling
+        self.diagnostics["box_ceiling"] = {**stats, "stage": stage, "seconds": time.perf_counter() - start}
+        self.diagnostics["box_search_efficiency"] = {
+            key: (searched[key] / value if value and key in searched else float("nan"))
+            for key, value in ceiling.items()}
 
     def target_train_labels(self) -> list[np.ndarray]:
         """Ground-truth target-train label volumes. Only for methods with ``uses_target_labels = True``."""

@@ -1,5 +1,6 @@
 """The ``sfdabench`` command: ``run`` (Hydra), ``list``, ``prepare`` (real data, see sfdabench/prepare.py),
-``leaderboard``, ``compare`` and ``ablate`` (see sfdabench/leaderboard.py, compare.py, ablate.py).
+``leaderboard``, ``compare``, ``ablate`` and ``report`` (see sfdabench/leaderboard.py, compare.py, ablate.py,
+report.py).
 
 ``sfdabench run method=<m> task=<t> seed=<n> [overrides]`` composes ``configs/run.yaml`` with the
 config groups of every plugin (Hydra search path) and runs one protocol run per job; ``-m`` gives a
@@ -32,6 +33,8 @@ commands:
                          exit code 1 when a row regressed by more than --max-regression (for CI)
   ablate task=<t> [seeds=[0,1,2]] [variants=[fa+dbs+cp,fa-only]] [overrides]
                          run the DFG ablation grid (Hydra multirun) and write the ablation table
+  report RUN_DIR [--out DIR] [--max-cases N]
+                         an HTML page of one run: metrics, overlays, pseudo-label quality, box search, timings
 """
 
 LIST_KINDS = {"methods": "methods", "tasks": "tasks", "datasets": "datasets", "metrics": "metrics", "sam": "sam"}
@@ -55,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if argv else 2
     command, args = argv[0], argv[1:]
     commands = {"run": cmd_run, "list": cmd_list, "prepare": _cmd_prepare, "leaderboard": _cmd_leaderboard,
-                "compare": _cmd_compare, "ablate": _cmd_ablate}
+                "compare": _cmd_compare, "ablate": _cmd_ablate, "report": _cmd_report}
     if command not in commands:
         print(f"sfdabench: unknown command '{command}'; available: {', '.join(commands)}", file=sys.stderr)
         return 2
@@ -83,6 +86,12 @@ def _cmd_compare(args: Sequence[str]) -> int:
     from sfdabench.compare import cmd_compare
 
     return cmd_compare(list(args))
+
+
+def _cmd_report(args: Sequence[str]) -> int:
+    from sfdabench.report import cmd_report
+
+    return cmd_report(list(args))
 
 
 def _cmd_ablate(args: Sequence[str]) -> int:

@@ -47,11 +47,14 @@ def summarise(per_case: pd.DataFrame, organs: Sequence[str], metric_names: Seque
 
 
 def evaluate(model: nn.Module, cases: Sequence[Case], organs: Sequence[str], metrics: Mapping[str, Metric], *,
-             device: torch.device, batch_size: int = 16, progress: Callable | None = None
-             ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Predict every slice of ``cases`` and score; returns (per-case table, per-organ summary)."""
+             device: torch.device, batch_size: int = 16, progress: Callable | None = None,
+             predictions: list | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Predict every slice of ``cases`` and score; returns (per-case table, per-organ summary). The predicted
+    label volumes are appended to ``predictions`` when a list is given (the run folder keeps them)."""
     preds = predict(model, SliceDataset(cases, labels=False), device=device, batch_size=batch_size,
                     progress=progress, desc="evaluate")["label"]
+    if predictions is not None:
+        predictions.extend(preds)
     per_case = score_volumes(preds, cases, organs, metrics)
     return per_case, summarise(per_case, organs, list(metrics))
 

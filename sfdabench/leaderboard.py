@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from sfdabench import gap_closed
 from sfdabench.api import UsageError
 
 log = logging.getLogger("sfdabench")
@@ -188,9 +189,12 @@ def aggregate(rows: pd.DataFrame, allow_mixed: Iterable[str] = ()) -> pd.DataFra
     key = group_key(allow_mixed)
     rows = latest_run_per_seed(rows, key)
     metrics = [m for m in METRICS if m in rows]
+    rows, gap_notes = gap_closed.per_seed(rows, metrics)
+    values = metrics + [gap_closed.COLUMNS[m] for m in metrics]
     grouped = rows.groupby(key + ["organ"], sort=False, dropna=False)
-    table = grouped[metrics].agg(["mean", "std", "count"])  # pandas std: ddof=1 (sample std over seeds)
-    table.columns = [f"{m}_{stat}" for m in metrics for stat in ("mean", "std", "n")]
+    table = grouped[values].agg(["mean", "std", "count"])  # pandas std: ddof=1 (sample std over seeds)
+    table.columns = [f"{m}_{stat}" for m in values for stat in ("mean", "std", "n")]
+    table["gap_reason"] = gap_closed.reasons_by_group(rows, key)
     table["n_seeds"] = grouped["seed"].nunique() if "seed" in rows else grouped.size()
     table["seeds"] = grouped["seed"].agg(lambda s: ",".join(map(str, sorted(set(s))))) if "seed" in rows else ""
     table["sfda"] = grouped["sfda"].all()
@@ -205,6 +209,7 @@ def aggregate(rows: pd.DataFrame, allow_mixed: Iterable[str] = ()) -> pd.DataFra
     table = table.sort_values(["task", "_organ"] + sort, kind="stable").drop(columns="_organ")
     table = table.reset_index(drop=True)
     table.attrs["key"] = key  # for rendering: which columns tell groups apart
+    table.attrs["gap_notes"] = gap_notes
     return table
 
 
@@ -242,7 +247,7 @@ def method_label(method: str, sfda: bool) -> str:
     return method if sfda else f"{method} (not SFDA)"
 
 
-DIGITS = {"dice": 3, "asd": 2, "hd95": 2}
+DIGITS = {"dice": 3, "asd": 2, "hd95": 2, "gap_closed": 2, "gap_closed_asd": 2, "gap_closed_hd95": 2}
 
 
 def to_markdown(summary: pd.DataFrame) -> str:
@@ -254,9 +259,9 @@ def to_markdown(summary: pd.DataFrame) -> str:
         unit = "/".join(dict.fromkeys(tab["asd_unit"])) if "asd_unit" in tab else "?"
         selection = "/".join(dict.fromkeys(tab["selection"].astype(str)))
         extra = [c for c in key if c not in KEY] + (["sam"] if tab["sam"].ne("").any() else [])
-        header = ["rank", "method", "variant", *extra, "seeds", *organs, "Dice (mean)", f"ASD ({unit})",
-                  f"HD95 ({unit})", "rank ASD", "rank HD95"]
-        align = ["r", "l", "l", *["l"] * len(extra), "r", *["r"] * (len(organs) + 5)]
+        header = ["rank", "method", "variant", *extra, "seeds", *organs, "Dice (mean)", "gap closed",
+                  f"ASD ({unit})", f"HD95 ({unit})", "rank ASD", "rank HD95"]
+        align = ["r", "l", "l", *["l"] * len(extra), "r", *["r"] * (len(organs) + 6)]
         groups = []
         for gkey, g in tab.groupby(key, sort=False, dropna=False):
             by_organ = g.set_index("organ")
@@ -271,13 +276,31 @@ def to_markdown(summary: pd.DataFrame) -> str:
             cells = [rank_cell(mean, "rank_dice"), method_label(gkey["method"], sfda), gkey["variant"],
                      *[gkey[c] for c in extra], str(int(g["n_seeds"].max()))]
             cells += [cell(by_organ, o, "dice") for o in organs]
-            cells += [cell(by_organ, "mean", m) for m in METRICS]
+            cells += [cell(by_organ, "mean", "dice"), cell(by_organ, "mean", "gap_closed")]
+            cells += [cell(by_organ, "mean", m) for m in ("asd", "hd95")]
             cells += [rank_cell(mean, "rank_asd"), rank_cell(mean, "rank_hd95")]
             lines.append(cells)
         out.append(f"### {task}\n\nDice per organ and mean over organs, mean ± std (ddof=1) over seeds; "
-                   f"ASD/HD95 in {unit}; selection {selection}; ranks among SFDA methods only.\n\n"
-                   + markdown_table(header, lines, align))
+                   f"ASD/HD95 in {unit}; selection {selection}; ranks among SFDA methods only. "
+                   f"Gap closed: (method - {gap_closed.LOWER}) / ({gap_closed.UPPER} - {gap_closed.LOWER}) of the "
+                   f"mean Dice, per seed on the same source checkpoint, then mean ± std.\n\n"
+                   + markdown_table(header, lines, align) + gap_notes(tab, key, summary.attrs.get("gap_notes", [])))
     return "\n\n".join(out) + "\n"
+
+
+def gap_notes(tab: pd.DataFrame, key: Sequence[str], notes: Sequence[str] = ()) -> str:
+    """Why gap-closed cells of a task's table are empty (or partial), one bullet per method and reason."""
+    lines = []
+    mean = tab[tab["organ"] == "mean"] if (tab["organ"] == "mean").any() else tab
+    for _, row in mean.iterrows():
+        reason = row.get("gap_reason", "")
+        if isinstance(reason, str) and reason:
+            n = int(row.get("gap_closed_n", 0) or 0)
+            state = "empty" if n == 0 else f"over {n} of {int(row['n_seeds'])} seeds"
+            lines.append(f"- gap closed {state} for {row['method']}/{row['variant']}: {reason}")
+    task = str(tab["task"].iloc[0]) if len(tab) else ""
+    lines += [f"- {n}" for n in notes if n.startswith(task + " ")]
+    return ("\n\n" + "\n".join(lines)) if lines else ""
 
 
 def _rank_value(row, col: str) -> float:
@@ -290,6 +313,8 @@ def cell(by_organ: pd.DataFrame, organ: str, metric: str) -> str:
     if organ not in by_organ.index or f"{metric}_mean" not in by_organ:
         return "n/a"
     row = by_organ.loc[organ]
+    if metric.startswith("gap_closed") and pd.isna(row[f"{metric}_mean"]):
+        return ""  # no reference runs: left empty, the notes under the table say why
     return fmt(row[f"{metric}_mean"], row[f"{metric}_std"], DIGITS[metric])
 
 
@@ -307,16 +332,20 @@ def _ranked_groups(tab: pd.DataFrame) -> list[tuple[str, str, str, bool]]:
     return list(dict.fromkeys(zip(order["method"], order["variant"], order["sam"], order["sfda"].astype(bool))))
 
 
-def plot(summary: pd.DataFrame, path: Path) -> None:
-    """Per-organ Dice with std error bars: one bar group per method/variant, one panel per task."""
+def plot(summary: pd.DataFrame, path: Path, value: str = "dice") -> None:
+    """Per-organ ``value`` (Dice, or gap closed) with std error bars: one bar group per method/variant, one
+    panel per task. Groups without any value (no gap-closed references) are left out."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: no display on servers and CI
     import matplotlib.pyplot as plt
 
+    summary = summary[summary.groupby(["task", "method", "variant", "sam"], dropna=False)[f"{value}_mean"]
+                      .transform(lambda v: v.notna().any())]
     tasks = list(dict.fromkeys(summary["task"]))
     sizes = [summary[summary.task == t].groupby(["method", "variant", "sam"]).ngroups for t in tasks]
-    fig, axes = plt.subplots(len(tasks), 1, figsize=(max(6.0, 1.6 * max(sizes)), 3.6 * len(tasks)), squeeze=False)
+    fig, axes = plt.subplots(max(len(tasks), 1), 1, figsize=(max(6.0, 1.6 * max(sizes, default=1)),
+                                                            3.6 * max(len(tasks), 1)), squeeze=False)
     for ax, task in zip(axes[:, 0], tasks):
         tab = summary[summary.task == task]
         organs = list(dict.fromkeys(tab["organ"]))
@@ -326,8 +355,8 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
         for k, organ in enumerate(organs):
             sub = tab[tab.organ == organ].set_index(["method", "variant", "sam"])
             sub = sub[~sub.index.duplicated()]  # allowed mixed protocols: the first of each label
-            means = [sub["dice_mean"].get((m, v, sam), np.nan) for m, v, sam, _ in labels]
-            stds = [sub["dice_std"].get((m, v, sam), np.nan) for m, v, sam, _ in labels]
+            means = [sub[f"{value}_mean"].get((m, v, sam), np.nan) for m, v, sam, _ in labels]
+            stds = [sub[f"{value}_std"].get((m, v, sam), np.nan) for m, v, sam, _ in labels]
             bars = ax.bar(x + (k - (len(organs) - 1) / 2) * width, means, width, yerr=np.nan_to_num(stds),
                           capsize=2, label=organ)
             for bar, (_, _, _, sfda) in zip(bars, labels):
@@ -335,8 +364,13 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
                     bar.set_hatch("//")  # not SFDA (oracle): visibly set apart
         ax.set_xticks(x, [f"{method_label(m, s)}\n{v}" + (f"\n{sam}" if sam else "") for m, v, sam, s in labels],
                       fontsize=8)
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("Dice (mean ± std over seeds)")
+        if value == "dice":
+            ax.set_ylim(0, 1)
+            ax.set_ylabel("Dice (mean ± std over seeds)")
+        else:  # 0 = source-only, 1 = oracle; values outside happen and are shown
+            for level in (0.0, 1.0):
+                ax.axhline(level, color="0.4", linewidth=0.8, linestyle="--")
+            ax.set_ylabel(f"{value.replace('_', ' ')} (mean ± std over seeds)")
         ax.set_title(task)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
@@ -359,6 +393,9 @@ def write_outputs(summary: pd.DataFrame, out_dir: Path, name: str = SUMMARY_NAME
     atomic_write_text(paths["csv"], summary.to_csv(index=False))
     atomic_write_text(paths["md"], to_markdown(summary))
     plot(summary, paths["png"])
+    if summary["gap_closed_mean"].notna().any():
+        paths["gap_png"] = out_dir / f"{name}_gap_closed.png"
+        plot(summary, paths["gap_png"], value="gap_closed")
     return paths
 
 

@@ -202,14 +202,16 @@ def execute(cfg: Mapping[str, Any], registry: Registry | None = None) -> dict[st
         sam_factory=lambda: _build_sam(cfg["sam"], registry, device, cache_dir),
         label_oracle=lambda: [c.label for c in target_train],
         pseudo_label_scorer=lambda vols: dice_per_organ(vols, [c.label for c in target_train], task.organs),
+        box_ceiling=lambda sam, margin: box_prompt_ceiling(sam, margin, target_train, task.organs, progress),
         allow_labels=method_cls.uses_target_labels, progress=progress_enabled)
     seed_everything(seed)
     t0 = time.perf_counter()
     adapted = method.adapt(copy.deepcopy(source.model).to(device), TargetImages(target_train), context)
     timings["adapt"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    predictions: list[np.ndarray] = []
     per_case, table = evaluate(adapted, task.target.splits["test"], task.organs, metrics, device=device,
-                               batch_size=int(cfg["eval"]["batch_size"]), progress=progress)
+                               batch_size=int(cfg["eval"]["batch_size"]), progress=progress, predictions=predictions)
     timings["evaluate"] = time.perf_counter() - t0
     runtime = time.perf_counter() - t_start
 
@@ -228,6 +230,9 @@ def execute(cfg: Mapping[str, Any], registry: Registry | None = None) -> dict[st
     }
     per_case.insert(0, "run_id", run_id)
     results.atomic_write_text(run_dir / "per_case.csv", per_case.to_csv(index=False))
+    if cfg["eval"].get("save_predictions", True):  # for `sfdabench report` (uint8, compressed: small)
+        results.save_predictions(run_dir / "predictions.npz",
+                                 {c.case_id: p for c, p in zip(task.target.splits["test"], predictions)})
     summary = {
         **protocol, "runtime_s": runtime, "finished_at": results.now_iso(),
         "source": {"checkpoint": str(source.path), **source.meta},
@@ -242,6 +247,16 @@ def execute(cfg: Mapping[str, Any], registry: Registry | None = None) -> dict[st
     results.append_rows(results_dir / "leaderboard.csv", rows)
     (run_dir / "done").write_text(summary["finished_at"] + "\n")
     return summary
+
+
+def box_prompt_ceiling(sam, margin: int, cases: list[Case], organs: list[str], progress=None
+                       ) -> tuple[dict[str, float], dict]:
+    """Dice per organ of the ground-truth-box pseudo-labels of ``cases`` (see sfdabench.sam.ceiling)."""
+    from sfdabench.sam.ceiling import gt_box_pseudo_labels
+
+    labels = [c.label for c in cases]
+    volumes, stats = gt_box_pseudo_labels(sam, [c.image for c in cases], labels, organs, margin, progress)
+    return dice_per_organ(volumes, labels, organs), stats
 
 
 def _build_sam(sam_cfg: Mapping[str, Any], registry: Registry, device: torch.device, cache_dir: Path):

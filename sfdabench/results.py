@@ -75,6 +75,22 @@ def environment_record(plugins: Mapping[str, str], device: str) -> dict[str, Any
     }
 
 
+def save_predictions(path: Path, volumes: Mapping[str, Any]) -> None:
+    """Predicted label volumes by case id, as a compressed npz written atomically."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".predictions-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez_compressed(handle, **{str(k): np.asarray(v, dtype=np.uint8) for k, v in volumes.items()})
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
 

@@ -72,7 +72,8 @@ def dfg_cfg(**changes):
     return cfg
 
 
-def make_context(tmp_path, labels, sam=None):
+def make_context(tmp_path, labels, sam=None, images=None):
+    """A Context as the harness builds it; with ``images`` also the ground-truth-box ceiling diagnostic."""
     scorer_calls = []
 
     def scorer(volumes):
@@ -81,10 +82,17 @@ def make_context(tmp_path, labels, sam=None):
         scorer_calls.append(volumes)
         return dice_per_organ(volumes, labels, ORGANS)
 
+    def ceiling(sam, margin):
+        from sfdabench.protocol import box_prompt_ceiling
+
+        return box_prompt_ceiling(sam, margin, [Case(str(i), im, lab, (1.0, 1.0, 1.0))
+                                                for i, (im, lab) in enumerate(zip(images, labels))], ORGANS)
+
     sam = sam or ThresholdSam()
     ctx = Context(device=torch.device("cpu"), seed=0, cache_dir=tmp_path / "cache", run_dir=tmp_path / "run",
                   organs=ORGANS, sam_factory=lambda: sam, label_oracle=lambda: labels,
-                  pseudo_label_scorer=scorer, progress=False)
+                  pseudo_label_scorer=scorer, box_ceiling=ceiling if images is not None else None,
+                  progress=False)
     return ctx, sam
 
 
@@ -178,13 +186,14 @@ def test_ground_truth_never_changes_a_decision(tmp_path, source_model):
     fake_labels = [np.random.default_rng(1).integers(0, 5, c.label.shape).astype(np.uint8) for c in target]
     models, diagnostics = [], []
     for labels in (true_labels, fake_labels):
-        ctx, _ = make_context(tmp_path / str(len(models)), labels)
+        ctx, _ = make_context(tmp_path / str(len(models)), labels, images=[c.image for c in target])
         torch.manual_seed(0)
         models.append(DFG(dfg_cfg()).adapt(copy.deepcopy(source_model), TargetImages(target), ctx).state_dict())
         diagnostics.append(ctx.diagnostics["pseudo_label_dice"])
     for key in models[0]:
         assert torch.equal(models[0][key], models[1][key]), key
     assert diagnostics[0]["sam"]["mean"] != diagnostics[1]["sam"]["mean"]  # the measurement did see them
+    assert diagnostics[0]["gt_box_ceiling"]["mean"] != diagnostics[1]["gt_box_ceiling"]["mean"]
 
 
 def test_source_free_methods_cannot_read_target_labels(tmp_path):

@@ -38,7 +38,7 @@ ORGANS = ["spleen", "liver"]
 def write_run(results: Path, *, dice: dict[str, list[float]], task="phantom_mri2ct", method="m", variant="default",
               seed=0, sfda=True, asd_unit="mm", source_ckpt=None, data_protocol="phantom", metric_version="1;asd=union",
               selection="last", sam="", run_id=None, finished_at="2025-01-01T00:00:00+00:00",
-              pseudo_label_dice=None) -> str:
+              pseudo_label_dice=None, efficiency=None) -> str:
     """One finished run: per-case Dice per organ (one list entry per case), ASD = 10 (1 - Dice), HD95 = 3 ASD."""
     run_id = run_id or f"{method}-{variant}-{task}-{seed}-{asd_unit}-{sam}".replace("+", "")
     cases = pd.DataFrame([{"run_id": run_id, "case": f"case{i}", "organ": organ, "dice": v, "asd": 10 * (1 - v),
@@ -57,6 +57,8 @@ def write_run(results: Path, *, dice: dict[str, list[float]], task="phantom_mri2
     run_dir.mkdir(parents=True, exist_ok=True)
     cases.to_csv(run_dir / "per_case.csv", index=False)
     diagnostics = {"pseudo_label_dice": pseudo_label_dice} if pseudo_label_dice else {}
+    if efficiency:
+        diagnostics["box_search_efficiency"] = efficiency
     (run_dir / "summary.json").write_text(json.dumps({**protocol, "diagnostics": diagnostics}))
     append_rows(results / "leaderboard.csv", rows)
     (run_dir / "done").write_text("x\n")
@@ -111,7 +113,7 @@ def test_leaderboard_command_writes_csv_markdown_png(board, tmp_path):
     md = (board / "leaderboard_summary.md").read_text()
     assert md in out.stdout
     lines = [line for line in md.splitlines() if line.startswith("| ")]
-    assert lines[0].startswith("| rank | method | variant | seeds | spleen | liver | Dice (mean) | ASD (mm)")
+    assert lines[0].startswith("| rank | method | variant | seeds | spleen | liver | Dice (mean) | gap closed | ASD (mm)")
     assert lines[2].startswith("| 1 | m2 | default | 2 | 0.950 ± 0.071 | 0.600 ± 0.141 | 0.775 ± 0.106")
     assert lines[3].startswith("| 2 | m1 | default | 3 | 0.600 ± 0.000 | 0.900 ± 0.100 | 0.750 ± 0.050")
     assert lines[4].startswith("| - | oracle (not SFDA) |")
@@ -313,9 +315,11 @@ def test_ablation_table_from_runs_and_pseudo_label_dice(tmp_path):
         for seed in (0, 1):
             pl = None if variant == "fa-only" else {
                 "target_model": {"spleen": 0.5, "liver": 0.6, "mean": 0.55 + 0.05 * seed},
-                "sam": {"spleen": 0.7, "liver": 0.8, "mean": 0.75}, "cp": {"spleen": 0.72, "liver": 0.8, "mean": 0.76}}
+                "sam": {"spleen": 0.7, "liver": 0.8, "mean": 0.75}, "cp": {"spleen": 0.72, "liver": 0.8, "mean": 0.76},
+                "gt_box_ceiling": {"spleen": 0.875, "liver": 0.9, "mean": 0.9}}
+            efficiency = None if pl is None else {k: pl["sam"][k] / pl["gt_box_ceiling"][k] for k in pl["sam"]}
             run_id = write_run(res, method="dfg", variant=variant, seed=seed, pseudo_label_dice=pl,
-                               dice={"spleen": [level + 0.1 * seed], "liver": [level]})
+                               efficiency=efficiency, dice={"spleen": [level + 0.1 * seed], "liver": [level]})
             expected.append({"variant": variant, "seed": seed, "run_id": run_id})
     expected.append({"variant": "nofa+naive+cp", "seed": 0, "run_id": "never-ran"})
     text, missing = ablate.write_table(pd.DataFrame(expected), res, "phantom_mri2ct", [0, 1])
@@ -325,10 +329,12 @@ def test_ablation_table_from_runs_and_pseudo_label_dice(tmp_path):
     assert dbs.dice_mean == pytest.approx(0.85) and dbs.dice_std == pytest.approx(0.1 / math.sqrt(2))
     assert dbs.pl_sam_mean == pytest.approx(0.7) and dbs.pl_target_model_n == 2
     assert bool(dbs.fa) and dbs.search == "dbs" and str(dbs.cp) == "True"
+    assert dbs.pl_gt_box_ceiling_mean == pytest.approx(0.875) and dbs.pl_efficiency_mean == pytest.approx(0.8)
+    assert "| PL before SAM | PL after SAM | PL after CP | PL ceiling (GT boxes) | box-search efficiency |" in text
     assert "| fa+dbs+cp | yes | dbs | yes | 2 | 0.850 ± 0.071 | 0.800 ± 0.000 | 0.825 ± 0.035 | 0.575 ± 0.035 | " \
-           "0.750 ± 0.000 | 0.760 ± 0.000 |" in text
-    assert ("| fa-only | yes | (stop after FA) | - | 2 | 0.650 ± 0.071 | 0.600 ± 0.000 | 0.625 ± 0.035 | - | - | - |"
-            in text)
+           "0.750 ± 0.000 | 0.760 ± 0.000 | 0.900 ± 0.000 | 0.833 ± 0.000 |" in text
+    assert ("| fa-only | yes | (stop after FA) | - | 2 | 0.650 ± 0.071 | 0.600 ± 0.000 | 0.625 ± 0.035 | - | - | - "
+            "| - | - |" in text)
     assert (res / "ablations" / "phantom_mri2ct" / "ablation.md").read_text() == text
 
 
@@ -469,3 +475,55 @@ def test_slurm_job_pickles_and_runs_in_a_fresh_interpreter(tmp_path, shared_cach
     assert (run_dir / "done").exists() and len(pd.read_csv(results / "leaderboard.csv")) == 5
     # plain pickle of the task function works too (it is a module-level function)
     assert pickle.loads(pickle.dumps(_job)) is _job
+
+
+# ------------------------------------------------------------------------------------------ gap closed
+
+
+def test_gap_closed_per_seed_against_references_of_the_same_seed(tmp_path):
+    res = tmp_path / "res"
+    for seed in (0, 1):
+        write_run(res, method="source_only", seed=seed, dice={"spleen": [0.4], "liver": [0.5]})
+        write_run(res, method="oracle", variant="init-source", seed=seed, sfda=False,
+                  dice={"spleen": [0.8], "liver": [0.9]})
+    write_run(res, method="m", seed=0, dice={"spleen": [0.6], "liver": [0.7]})      # gaps 0.5, 0.5
+    write_run(res, method="m", seed=1, dice={"spleen": [0.4], "liver": [0.8]})      # gaps 0.0, 0.75
+    write_run(res, method="m", seed=2, dice={"spleen": [0.9], "liver": [0.9]})      # no references for seed 2
+    summary = lb.summarize([res])
+    liver, spleen, mean = (row(summary, "m", o) for o in ("liver", "spleen", "mean"))
+    assert math.isclose(liver["gap_closed_mean"], 0.625) and math.isclose(liver["gap_closed_std"], np.std([0.5, 0.75], ddof=1))
+    assert liver["gap_closed_n"] == 2 and liver["dice_n"] == 3
+    assert math.isclose(spleen["gap_closed_mean"], 0.25)
+    # mean row: (mean Dice of m - mean of source_only) / (mean of oracle - mean of source_only), per seed
+    assert math.isclose(mean["gap_closed_mean"], np.mean([(0.65 - 0.45) / 0.4, (0.6 - 0.45) / 0.4]))
+    # distances (ASD = 10 (1 - Dice) here): the same share of the distance reduction
+    assert math.isclose(liver["gap_closed_asd_mean"], 0.625) and math.isclose(liver["gap_closed_hd95_mean"], 0.625)
+    assert liver["gap_reason"] == "no source_only and no oracle run for this task, seed and source checkpoint"
+    assert row(summary, "source_only", "liver")["gap_closed_mean"] == 0
+    assert row(summary, "oracle", "liver")["gap_closed_mean"] == 1
+    text = lb.to_markdown(summary)
+    assert "| gap closed |" in text.replace("Dice (mean) | gap closed", "| gap closed")
+    assert "gap closed over 2 of 3 seeds for m/default: no source_only and no oracle run" in text
+    paths = lb.write_outputs(summary, tmp_path / "out")
+    assert paths["gap_png"].stat().st_size > 1000
+
+
+def test_gap_closed_is_empty_with_a_reason_when_references_are_missing(board):
+    summary = lb.summarize([board])
+    assert summary["gap_closed_mean"].isna().all()
+    assert (summary["gap_reason"].str.contains("no source_only run")).all()
+    text = lb.to_markdown(summary)
+    assert "gap closed empty for m1/default: no source_only run" in text
+    csv_cell = summary.to_csv(index=False).splitlines()[1].split(",")
+    assert "" in csv_cell                                          # an empty CSV cell, not a made-up number
+
+
+def test_gap_closed_undefined_when_the_oracle_is_no_better(tmp_path):
+    res = tmp_path / "res"
+    write_run(res, method="source_only", dice={"spleen": [0.8], "liver": [0.5]})
+    write_run(res, method="oracle", sfda=False, dice={"spleen": [0.805], "liver": [0.9]})
+    write_run(res, method="m", dice={"spleen": [0.9], "liver": [0.7]})
+    summary = lb.summarize([res])
+    assert pd.isna(row(summary, "m", "spleen")["gap_closed_mean"])
+    assert "not better than source_only" in row(summary, "m", "spleen")["gap_reason"]
+    assert math.isclose(row(summary, "m", "liver")["gap_closed_mean"], 0.5)

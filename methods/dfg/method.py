@@ -12,7 +12,8 @@ Phases (each its own module of this package, spec sections 3-6):
 
 Protocol notes: the released code picked the FA checkpoint by target test Dice; here every phase runs a
 fixed budget and the last model is returned (``selection = last``). Ground truth of the target-train split
-is only *measured* (pseudo-label Dice before SAM, after SAM, after CP) and never reaches a decision.
+is only *measured* (pseudo-label Dice before SAM, after SAM, after CP, and the ground-truth-box ceiling of
+the SAM backend with the search's box margin, ``box_ceiling: true``) and never reaches a decision.
 
 Ablation switches (config): ``fa.enabled``, ``search.search`` (naive | tbs | mbs | dbs), ``search.stage3``,
 ``cp``, and ``stop_after_fa`` (the "FA only" row). The variant name lists them, e.g. ``fa+dbs+cp``.
@@ -65,6 +66,8 @@ class DFG(Method):
         context.record("box_search", labels.stats)
         context.pseudo_label_quality("target_model", labels.target_model)
         context.pseudo_label_quality("sam", labels.refined)
+        if self.cfg["box_ceiling"]:  # diagnostic: the harness measures, with labels this method never sees
+            context.compare_with_box_ceiling("sam", margin=labels.stats["scaled_settings"]["box_margin"])
         pseudo = labels.refined
         if self.cfg["cp"]:
             with context.phase("cp"):

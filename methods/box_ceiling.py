@@ -1,0 +1,53 @@
+"""``box_ceiling``: SAM prompted with the ground-truth box of every organ, then retraining. NOT source-free.
+
+A diagnostic, not a method to rank: it answers "how good could box-prompted pseudo-labels be with this SAM
+backend, and how far would retraining on them get?" Per target-train slice and organ present in the
+*ground truth*, one box around the organ (``box_margin`` pixels wider, the margin DFG's search uses; scaled
+with the slice side from ``reference_size``) goes to ``context.sam``; the masks are merged as DFG merges
+its classes (see :mod:`sfdabench.sam.ceiling`). The source model is then retrained on these pseudo-labels
+with DFG's retraining recipe (spec 6.1: Dice loss, Adam 1e-4, x0.8 per epoch; no FA before it). Its
+pseudo-label Dice (``pseudo_label_dice/gt_box``) is the ceiling that DFG's box search is compared with.
+
+It reads target-train labels (``uses_target_labels = True``): its rows carry ``sfda = False`` and the
+leaderboard never ranks them, like the oracle's.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from sfdabench.api import Context, Method, TargetImages
+from sfdabench.hookspecs import hookimpl
+from sfdabench.sam.ceiling import gt_box_pseudo_labels
+from sfdabench.self_training import train_on_pseudo_labels
+
+
+class BoxCeiling(Method):
+    """Ceiling of box prompting: SAM with ground-truth boxes, then retraining (uses target labels)."""
+
+    name = "box_ceiling"
+    uses_target_labels = True
+    uses_sam = True
+
+    def variant(self) -> str:
+        return "gt-box"
+
+    def adapt(self, source_model: nn.Module, target_train: TargetImages, context: Context) -> nn.Module:
+        side = target_train.shapes[0][1]
+        margin = max(1, int(float(self.cfg["box_margin"]) * side / float(self.cfg["reference_size"]) + 0.5))
+        labels = context.target_train_labels()
+        with context.phase("gt_box_pseudo_labels"):
+            pseudo, stats = gt_box_pseudo_labels(
+                context.sam, [target_train.volume(i) for i in range(len(target_train.case_ids))], labels,
+                context.organs, margin, context.progress)
+        context.record("box_ceiling", stats)
+        context.pseudo_label_quality("gt_box", pseudo)
+        with context.phase("retrain"):
+            losses = train_on_pseudo_labels(source_model, target_train, pseudo, self.cfg["train"], context,
+                                            generator=context.generator(2), desc="retraining")
+        context.record("retrain_loss", {"first": losses[0], "last": losses[-1]} if losses else {})
+        return source_model
+
+
+@hookimpl
+def sfdabench_methods():
+    return [BoxCeiling]

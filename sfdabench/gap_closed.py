@@ -1,0 +1,86 @@
+"""How much of the domain gap a method closed: ``gap_closed = (method - source_only) / (oracle - source_only)``.
+
+Computed per seed, per organ and for the ``mean`` row, against the ``source_only`` (lower reference) and
+``oracle`` (upper reference, target-supervised) runs of the *same task, seed and source checkpoint*, then
+aggregated over seeds (mean, std with ddof=1, n) like every other leaderboard number. 0 means no better than
+the source model, 1 means as good as target supervision; values below 0 or above 1 are kept (they happen).
+
+The same formula serves Dice (higher is better) and the distances ASD/HD95 (lower is better): for a distance
+``(method - source) / (oracle - source) = (source - method) / (source - oracle)``, the share of the distance
+reduction that the oracle achieved. The value is undefined (empty cell) when a reference is missing for that
+(task, seed, source checkpoint), when a value is NaN, or when the oracle is not better than source-only by at
+least :data:`MIN_GAP` (Dice) or 1% of source-only's distance; each empty value gets a reason, and the
+leaderboard lists the reasons under its table.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+LOWER, UPPER = "source_only", "oracle"
+#: gap_closed column name per metric (Dice is the headline column).
+COLUMNS = {"dice": "gap_closed", "asd": "gap_closed_asd", "hd95": "gap_closed_hd95"}
+HIGHER_IS_BETTER = {"dice": True, "asd": False, "hd95": False}
+#: Smallest oracle - source_only Dice difference for which the ratio means anything.
+MIN_GAP = 0.01
+MIN_RELATIVE_DISTANCE_GAP = 0.01
+
+
+def _reference(rows: pd.DataFrame, method: str) -> tuple[pd.DataFrame, list[str]]:
+    """One run of ``method`` per (task, seed, source_ckpt): its rows indexed by that key and organ."""
+    ref = rows[rows["method"] == method]
+    notes = []
+    runs = ref.drop_duplicates("run_id") if "run_id" in ref else ref
+    for (task, seed, ckpt), group in runs.groupby(["task", "seed", "source_ckpt"], sort=False):
+        if len(group) > 1:  # e.g. oracle init-source and init-scratch: take the first variant in name order
+            chosen = sorted(group["variant"])[0]
+            notes.append(f"{task} seed {seed}: several {method} variants ({', '.join(sorted(group['variant']))}); "
+                         f"gap_closed uses {chosen}")
+            ref = ref[~((ref["task"] == task) & (ref["seed"] == seed) & (ref["source_ckpt"] == ckpt)
+                        & (ref["variant"] != chosen))]
+    return ref.set_index(["task", "seed", "source_ckpt", "organ"]), notes
+
+
+def per_seed(rows: pd.DataFrame, metrics: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
+    """``rows`` (one run per key and seed) plus a ``gap_closed*`` column per metric and a ``gap_reason``
+    column (why the Dice gap is empty, '' where defined); and notes for the table."""
+    out = rows.copy()
+    needed = {"task", "seed", "source_ckpt", "organ", "method"}
+    if not needed <= set(rows.columns):
+        for metric in metrics:
+            out[COLUMNS[metric]] = np.nan
+        out["gap_reason"] = f"rows lack {', '.join(sorted(needed - set(rows.columns)))}"
+        return out, []
+    lower, notes_lo = _reference(rows, LOWER)
+    upper, notes_hi = _reference(rows, UPPER)
+    index = pd.MultiIndex.from_frame(rows[["task", "seed", "source_ckpt", "organ"]])
+    reason = pd.Series("", index=rows.index, dtype=object)
+    has_lo = index.isin(lower.index)
+    has_hi = index.isin(upper.index)
+    reason[~has_hi] = f"no {UPPER} run for this task, seed and source checkpoint"
+    reason[~has_lo] = f"no {LOWER} run for this task, seed and source checkpoint"
+    reason[~has_lo & ~has_hi] = f"no {LOWER} and no {UPPER} run for this task, seed and source checkpoint"
+    for metric in metrics:
+        lo = lower[metric].reindex(index).to_numpy(dtype=float) if metric in lower else np.full(len(rows), np.nan)
+        hi = upper[metric].reindex(index).to_numpy(dtype=float) if metric in upper else np.full(len(rows), np.nan)
+        value = rows[metric].to_numpy(dtype=float)
+        span = hi - lo if HIGHER_IS_BETTER[metric] else lo - hi
+        least = MIN_GAP if metric == "dice" else MIN_RELATIVE_DISTANCE_GAP * np.abs(lo)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ok = np.isfinite(value) & np.isfinite(lo) & np.isfinite(hi) & (span >= least) & (span > 0)
+            out[COLUMNS[metric]] = np.where(ok, (value - lo) / (hi - lo), np.nan)
+        if metric == "dice":
+            known = has_lo & has_hi
+            reason[known & ~np.isfinite(value)] = "metric is NaN"
+            reason[known & np.isfinite(value) & ~(span >= least)] = (
+                f"{UPPER} not better than {LOWER} by {MIN_GAP} Dice: ratio undefined")
+    out["gap_reason"] = reason.to_numpy()
+    return out, notes_lo + notes_hi
+
+
+def reasons_by_group(rows: pd.DataFrame, key: Sequence[str]) -> pd.Series:
+    """Per (key, organ): the distinct reasons why seeds have no Dice gap ('' if every seed has one)."""
+    return rows.groupby(list(key) + ["organ"], sort=False, dropna=False)["gap_reason"].agg(
+        lambda s: "; ".join(dict.fromkeys(v for v in s if v)))

@@ -1,0 +1,85 @@
+"""The ceiling of box prompting: ground-truth boxes sent to SAM, DFG's box-search efficiency against it, and
+the ``box_ceiling`` diagnostic method (uses target labels: never SFDA)."""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from sfdabench.api import SfdaBenchError, TargetImages
+from sfdabench.evaluation import dice_per_organ
+from sfdabench.plugins import get_registry
+from sfdabench.sam.ceiling import gt_box_pseudo_labels, gt_box_slice
+from sfdabench_methods.dfg.method import DFG
+from test_dfg import ORGANS, ThresholdSam, dfg_cfg, make_context, source_model, synthetic_cases  # noqa: F401
+
+
+def test_gt_boxes_give_near_perfect_pseudo_labels_with_a_box_faithful_sam():
+    cases = synthetic_cases(2, 3)
+    sam = ThresholdSam()
+    volumes, stats = gt_box_pseudo_labels(sam, [c.image for c in cases], [c.label for c in cases], ORGANS, 2)
+    dice = dice_per_organ(volumes, [c.label for c in cases], ORGANS)
+    assert min(dice[o] for o in ORGANS) > 0.95, dice
+    slices = sum(c.num_slices for c in cases)
+    assert stats["decoder_calls"] == sam.calls == slices * len(ORGANS)   # one call per organ and slice
+    assert stats["outcomes"]["liver"] == {"sam": slices}
+
+
+def test_slice_without_organs_is_not_embedded_and_merge_prefers_lower_class():
+    class CountingSam(ThresholdSam):
+        embeds = 0
+
+        def embed(self, image):
+            self.embeds += 1
+            return super().embed(image)
+
+        def decode(self, embedding, box):          # every box: the whole image
+            return np.ones(embedding.image_size, bool)
+
+    sam = CountingSam()
+    image = np.zeros((8, 8), np.float32)
+    empty, outcomes = gt_box_slice(sam, image, np.zeros((8, 8), np.uint8), 5, 1)
+    assert sam.embeds == 0 and outcomes == {} and not empty.any()
+    label = np.zeros((8, 8), np.uint8)
+    label[1:3, 1:3], label[5:7, 5:7] = 2, 4
+    merged, outcomes = gt_box_slice(sam, image, label, 5, 1)
+    assert outcomes == {2: "sam", 4: "sam"} and (merged == 2).all()   # overlap: the lower class wins (spec 4.4)
+
+
+def test_dfg_records_ceiling_and_efficiency(tmp_path, source_model):  # noqa: F811
+    target = synthetic_cases(1, 5)
+    ctx, _ = make_context(tmp_path, [c.label for c in target], images=[c.image for c in target])
+    DFG(dfg_cfg(**{"fa.enabled": False})).adapt(copy.deepcopy(source_model), TargetImages(target), ctx)
+    pl = ctx.diagnostics["pseudo_label_dice"]
+    efficiency = ctx.diagnostics["box_search_efficiency"]
+    assert set(efficiency) == set(ORGANS) | {"mean"}
+    for key, value in efficiency.items():
+        assert math.isclose(value, pl["sam"][key] / pl["gt_box_ceiling"][key]), key
+    assert ctx.diagnostics["box_ceiling"]["stage"] == "sam"
+    assert ctx.diagnostics["box_ceiling"]["box_margin"] >= 1
+
+    ctx_off, _ = make_context(tmp_path / "off", [c.label for c in target], images=[c.image for c in target])
+    DFG(dfg_cfg(**{"fa.enabled": False, "box_ceiling": False})).adapt(
+        copy.deepcopy(source_model), TargetImages(target), ctx_off)
+    assert "box_search_efficiency" not in ctx_off.diagnostics
+
+
+def test_box_ceiling_method_is_a_labelled_diagnostic(tmp_path):
+    cls = get_registry().get("methods", "box_ceiling")
+    assert cls.uses_target_labels and cls.uses_sam
+    out = run_cli("list", "methods", cwd=tmp_path)
+    line = next(line for line in out.stdout.splitlines() if line.strip().startswith("box_ceiling "))
+    assert "not SFDA" in line
+
+
+def test_box_ceiling_method_cannot_run_without_labels(tmp_path, source_model):  # noqa: F811
+    target = synthetic_cases(1, 6)
+    ctx, _ = make_context(tmp_path, [c.label for c in target])      # labels not allowed: an SFDA context
+    cls = get_registry().get("methods", "box_ceiling")
+    from test_method_contract import method_config
+
+    with pytest.raises(SfdaBenchError, match="not available to source-free methods"):
+        cls(method_config("box_ceiling")).adapt(copy.deepcopy(source_model), TargetImages(target), ctx)
