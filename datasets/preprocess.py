@@ -240,6 +240,7 @@ class Preprocessing:
     percentiles: tuple[float, float] | None         # per-volume percentile window instead of a fixed one
     size: int                                       # in-plane size after resize
     z_crop_to_labels: bool                          # keep only the GT organ slab (paper protocol)
+    z_step: int = 1                                 # keep every z_step-th slice (quick demos and tests only)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], dataset: str, default_modality: str | None) -> "Preprocessing":
@@ -261,7 +262,10 @@ class Preprocessing:
         size = int(params.get("size", 256))
         if size < 8:
             raise SfdaBenchError(f"dataset {dataset}: params.size must be >= 8, got {size}")
-        return cls(modality, window, percentiles, size, bool(params.get("z_crop_to_labels", True)))
+        z_step = int(params.get("z_step", 1))
+        if z_step < 1:
+            raise SfdaBenchError(f"dataset {dataset}: params.z_step must be >= 1, got {z_step}")
+        return cls(modality, window, percentiles, size, bool(params.get("z_crop_to_labels", True)), z_step)
 
     def intensity_window(self, image: np.ndarray) -> tuple[float, float]:
         if self.percentiles is None:
@@ -338,6 +342,9 @@ def preprocess_volume(raw: RawVolume, labels: LabelMapping, settings: Preprocess
             "window": list(window)}
     if settings.z_crop_to_labels:
         image, label = image[z0:z1 + 1], label[z0:z1 + 1]
+    if settings.z_step > 1:  # thinner sampling: the slice distance (and so mm metrics) grows with it
+        image, label = image[::settings.z_step], label[::settings.z_step]
+        spacing = (spacing[0] * settings.z_step, spacing[1], spacing[2])
     height, width = image.shape[1:]
     image, label = resize_inplane(image, label, settings.size)
     spacing = (spacing[0], spacing[1] * height / settings.size, spacing[2] * width / settings.size)
@@ -465,7 +472,8 @@ class PreparedVolumeAdapter(DatasetAdapter):
     ``label_map`` ({organ: native value}; default: the dataset's own map), ``unused_labels`` (other native
     values, mapped to background; default: the rest of the dataset's map), ``window`` ([low, high]; default
     CT [-125, 275], MR [0, 1200]) or ``percentiles`` ([0.5, 99.5]: per-volume window), ``size`` (256),
-    ``z_crop_to_labels`` (true: the paper's GT organ slab). ``root_setting``, ``title`` and ``download`` word
+    ``z_crop_to_labels`` (true: the paper's GT organ slab), ``z_step`` (1; k keeps every k-th slice of the
+    slab, z spacing x k: for quick demos and tests, never for benchmark numbers). ``root_setting``, ``title`` and ``download`` word
     the missing-data message (default setting ``data.<dataset>.root``).
 
     ``splits.<name>`` is a list of case ids, a dataset keyword (see ``named_cases``), or ``rest``: the cases

@@ -399,6 +399,21 @@ def write_outputs(summary: pd.DataFrame, out_dir: Path, name: str = SUMMARY_NAME
     return paths
 
 
+def export_rows(rows: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
+    """The leaderboard rows of each task as ``<out_dir>/<task>.csv`` (sorted by method, variant, seed, organ
+    order), in the column order of a results dir's ``leaderboard.csv``: committed reference leaderboards."""
+    from sfdabench.results import LEADERBOARD_COLUMNS, atomic_write_text
+
+    paths = {}
+    columns = [c for c in LEADERBOARD_COLUMNS if c in rows] + [c for c in rows if c not in LEADERBOARD_COLUMNS]
+    for task, group in rows.groupby("task", sort=False):
+        organs = {o: i for i, o in enumerate(organ_order(group))}
+        group = group.assign(_o=group["organ"].map(organs)).sort_values(["method", "variant", "seed", "_o"])
+        paths[f"rows:{task}"] = out_dir / f"{task}.csv"
+        atomic_write_text(paths[f"rows:{task}"], group[columns].to_csv(index=False))
+    return paths
+
+
 def cmd_leaderboard(args: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="sfdabench leaderboard",
                                      description="Aggregate leaderboard rows over seeds and rank methods.")
@@ -406,11 +421,16 @@ def cmd_leaderboard(args: Sequence[str]) -> int:
     parser.add_argument("--out", type=Path, help="output dir (default: next to the first input)")
     parser.add_argument("--allow-mixed", action="append", metavar="COL[,COL]",
                         help=f"aggregate despite differing protocol columns ({', '.join(PROTOCOL_COLUMNS)})")
+    parser.add_argument("--export-rows", action="store_true",
+                        help="also write the input rows of each task to OUT/<task>.csv (reference leaderboards)")
     ns = parser.parse_args(list(args))
     inputs = ns.results or [DEFAULT_INPUT]
-    summary = summarize(inputs, parse_allow_mixed(ns.allow_mixed))
+    rows = load_rows(inputs)
+    summary = aggregate(rows, parse_allow_mixed(ns.allow_mixed))
     out_dir = ns.out or resolve_input(inputs[0]).parent
     paths = write_outputs(summary, out_dir)
+    if ns.export_rows:
+        paths.update(export_rows(rows, out_dir))
     print(to_markdown(summary))
     log.info("leaderboard summary: %s", ", ".join(str(p) for p in paths.values()))
     return 0

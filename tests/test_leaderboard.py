@@ -527,3 +527,19 @@ def test_gap_closed_undefined_when_the_oracle_is_no_better(tmp_path):
     assert pd.isna(row(summary, "m", "spleen")["gap_closed_mean"])
     assert "not better than source_only" in row(summary, "m", "spleen")["gap_reason"]
     assert math.isclose(row(summary, "m", "liver")["gap_closed_mean"], 0.5)
+
+
+def test_export_rows_writes_one_reference_csv_per_task(board, tmp_path):
+    write_run(board, method="m1", task="phantom_ct2mri", dice={"spleen": [0.5], "liver": [0.4]})
+    assert main(["leaderboard", str(board), "--out", str(tmp_path / "ref"), "--export-rows"]) == 0
+    mri2ct = pd.read_csv(tmp_path / "ref" / "phantom_mri2ct.csv")
+    ct2mri = pd.read_csv(tmp_path / "ref" / "phantom_ct2mri.csv")
+    assert set(mri2ct.task) == {"phantom_mri2ct"} and set(ct2mri.task) == {"phantom_ct2mri"}
+    assert len(mri2ct) == 8 * 3 and len(ct2mri) == 3             # every run x (2 organs + mean)
+    assert list(mri2ct.columns[:5]) == ["task", "method", "variant", "seed", "organ"]
+    # the exported files are leaderboards themselves: aggregating them gives the same summary
+    again = lb.summarize([tmp_path / "ref" / "phantom_mri2ct.csv", tmp_path / "ref" / "phantom_ct2mri.csv"])
+    first = lb.summarize([board])
+    cols = ["task", "method", "variant", "organ", "dice_mean", "dice_std", "dice_n"]
+    pd.testing.assert_frame_equal(again[cols].sort_values(cols[:4]).reset_index(drop=True),
+                                  first[cols].sort_values(cols[:4]).reset_index(drop=True))
