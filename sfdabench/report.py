@@ -136,7 +136,7 @@ def overlay_figure(path: Path, image: np.ndarray, pred: np.ndarray, gt: np.ndarr
     handles += [Line2D([], [], color="k", label="ground truth"), Line2D([], [], color="k", ls="--", label="prediction")]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, 0.08, 1, 0.93))   # room for the legend below and the case title above
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -191,7 +191,11 @@ def _table(frame: pd.DataFrame, digits: int = 4) -> str:
         return html.escape(str(v))
 
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in [frame.index.name or "", *frame.columns])
-    body = "".join("<tr>" + f"<th>{html.escape(str(i))}</th>" + "".join(f"<td>{fmt(v)}</td>" for v in row) + "</tr>"
+    def td(v: Any) -> str:  # numbers right-aligned (CSS default here), text left-aligned
+        numeric = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+        return f"<td>{fmt(v)}</td>" if numeric else f"<td class='text'>{fmt(v)}</td>"
+
+    body = "".join("<tr>" + f"<th>{html.escape(str(i))}</th>" + "".join(td(v) for v in row) + "</tr>"
                    for i, row in zip(frame.index, frame.itertuples(index=False)))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -219,19 +223,32 @@ def _facts(run: Mapping[str, Any]) -> pd.DataFrame:
     return frame
 
 
-def _metrics_table(summary: Mapping[str, Any]) -> pd.DataFrame:
+#: Pseudo-label stages in the order a method produces them (others follow in their recorded order).
+STAGE_ORDER = ("target_model", "source_model", "sam", "cp", "gt_box", "gt_box_ceiling")
+
+
+def _organ_order(keys: Sequence[str], organs: Sequence[str]) -> list[str]:
+    """The task's organ order, then ``mean``, then anything else (summary.json stores keys sorted)."""
+    first = [o for o in [*organs, "mean"] if o in keys]
+    return first + [k for k in keys if k not in first]
+
+
+def _metrics_table(summary: Mapping[str, Any], organs: Sequence[str]) -> pd.DataFrame:
     table = pd.DataFrame(summary.get("metrics", {})).T
-    table = table[[c for c in table.columns if not c.startswith("n_")]].astype(float)
+    table = table[[c for c in ("dice", "asd", "hd95") if c in table.columns]].astype(float)
+    table = table.loc[_organ_order(list(table.index), organs)]
     table.index.name = "organ"
     return table
 
 
-def _pseudo_label_table(diagnostics: Mapping[str, Any]) -> pd.DataFrame | None:
+def _pseudo_label_table(diagnostics: Mapping[str, Any], organs: Sequence[str]) -> pd.DataFrame | None:
     stages = diagnostics.get("pseudo_label_dice") or {}
     if not stages:
         return None
-    table = pd.DataFrame({stage: {k: (np.nan if v is None else v) for k, v in organs.items()}
-                          for stage, organs in stages.items()}).T.astype(float)
+    order = [s for s in STAGE_ORDER if s in stages] + [s for s in stages if s not in STAGE_ORDER]
+    table = pd.DataFrame({stage: {k: (np.nan if v is None else v) for k, v in stages[stage].items()}
+                          for stage in order}).T.astype(float)
+    table = table[_organ_order(list(table.columns), organs)]
     if diagnostics.get("box_search_efficiency"):
         stage = (diagnostics.get("box_ceiling") or {}).get("stage", "sam")
         table.loc[f"box-search efficiency ({stage} / gt_box_ceiling)"] = pd.Series(
@@ -250,7 +267,7 @@ def _timings_table(summary: Mapping[str, Any]) -> pd.DataFrame:
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.8em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:.5em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:3px 8px}
-td{text-align:right;font-variant-numeric:tabular-nums}thead th{background:#f3f3f3}.warn{color:#a40000;font-weight:bold}
+td{text-align:right;font-variant-numeric:tabular-nums}td.text{text-align:left}thead th{background:#f3f3f3}.warn{color:#a40000;font-weight:bold}
 figure{margin:1em 0}figcaption{font-size:.85em;color:#555}img{max-width:100%;border:1px solid #eee}
 .note{color:#555;font-style:italic}"""
 
@@ -269,7 +286,8 @@ def render(run: Mapping[str, Any], out: Path, max_cases: int) -> Path:
     sections.append(f"<h1>sfdabench run report: {html.escape(title)}</h1>{warn}"
                     f'<p class="note" id="image-status"></p>')
     sections.append("<h2>Protocol</h2>" + _table(_facts(run)))
-    metrics = _metrics_table(s)
+    organs = list((run["config"].get("task") or {}).get("organs") or [])
+    metrics = _metrics_table(s, organs)
     unit = html.escape(str(s.get("asd_unit", "")))
     sections.append(f"<h2>Target-test metrics per organ</h2><p class='note'>Mean over test volumes; mean = mean of "
                     f"organ means; ASD and HD95 in {unit}.</p>" + _table(metrics))
@@ -284,7 +302,7 @@ def render(run: Mapping[str, Any], out: Path, max_cases: int) -> Path:
                     f"<figcaption>case {html.escape(item['case'])}, mean Dice {item['dice']:.3f}</figcaption></figure>")
     sections.append("".join(part))
     diagnostics = s.get("diagnostics") or {}
-    pl = _pseudo_label_table(diagnostics)
+    pl = _pseudo_label_table(diagnostics, organs)
     if pl is not None:
         sections.append("<h2>Pseudo-label quality per phase</h2><p class='note'>Dice of the target-train "
                         "pseudo-labels against target-train ground truth: measured, never used by the method. "
