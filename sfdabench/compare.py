@@ -2,7 +2,9 @@
 
 A and B are leaderboard CSVs (or results dirs). Each side is aggregated over seeds as by ``sfdabench
 leaderboard`` and the sides are aligned by (task, method, variant, organ). The report gives, per aligned row,
-the chosen metric on both sides, the deltas (B - A) of the Dice/ASD/HD95 means, the rank change, and a paired
+the chosen metric on both sides, the deltas (B - A) of the Dice/ASD/HD95 means over the seeds both sides have
+(a group with other seeds on one side is compared over the common ones, and the report says so), the rank
+change, and a paired
 Wilcoxon signed-rank test over matched per-case values: the runs' ``per_case.csv`` files are found through
 the results dir that holds each CSV (``runs/*__<run_id>/``) and matched by (task, method, variant, seed,
 case, organ); the ``mean`` organ pairs each case's mean over organs. Rows on one side only and protocol
@@ -51,6 +53,37 @@ def load_side(label: str, path: str | Path, allow_mixed: Sequence[str] = ()) -> 
                          f"{first.method}/{first.variant}; compare one at a time")
     per_case, missing = per_case_values(rows, csv.parent)
     return Side(label, csv, rows, summary, per_case, missing)
+
+
+def common_seeds(a: Side, b: Side, allow_mixed: Sequence[str] = ()) -> tuple[Side, Side, list[str]]:
+    """Restrict the (task, method, variant) groups present on both sides to the seeds both sides have, and
+    re-aggregate: a mean over seeds 0-2 against a mean over seed 0 alone would show a "change" that is only
+    seed variance. Returns the restricted sides and one note per group whose seed sets differed."""
+    group = ["task", "method", "variant"]
+    seeds_a = a.rows[group + ["seed"]].drop_duplicates()
+    seeds_b = b.rows[group + ["seed"]].drop_duplicates()
+    both = seeds_a[group].drop_duplicates().merge(seeds_b[group].drop_duplicates())
+    common = seeds_a.merge(seeds_b)
+    notes = []
+    for g in both.itertuples(index=False):
+        pick = lambda f: sorted(f[(f.task == g.task) & (f.method == g.method) & (f.variant == g.variant)]["seed"])
+        sa, sb, sc = pick(seeds_a), pick(seeds_b), pick(common)
+        if sa != sb:
+            fmt = lambda seeds: ",".join(map(str, seeds)) or "none"
+            notes.append(f"{g.task} {g.method}/{g.variant}: seeds {fmt(sa)} (A) vs {fmt(sb)} (B); "
+                         + (f"compared over seeds {fmt(sc)}" if sc else "no common seed: not compared"))
+
+    def restrict(side: Side) -> Side:
+        keys = side.rows[group + ["seed"]]
+        in_both = keys[group].merge(both, how="left", indicator=True)["_merge"].eq("both").to_numpy()
+        matched = keys.merge(common, how="left", indicator=True)["_merge"].eq("both").to_numpy()
+        rows = side.rows[~in_both | matched]
+        if len(rows) == len(side.rows):
+            return side
+        per_case = side.per_case.merge(rows[["task", "method", "variant", "seed"]].drop_duplicates())
+        return Side(side.label, side.path, rows, lb.aggregate(rows, allow_mixed), per_case, side.missing_runs)
+
+    return restrict(a), restrict(b), notes
 
 
 def per_case_values(rows: pd.DataFrame, results_dir: Path) -> tuple[pd.DataFrame, list[str]]:
@@ -153,14 +186,16 @@ def one_sided(a: Side, b: Side) -> tuple[pd.DataFrame, pd.DataFrame]:
     return only(a, b), only(b, a)
 
 
-def report(a: Side, b: Side, table: pd.DataFrame, metric: str, max_regression: float) -> str:
+def report(a: Side, b: Side, table: pd.DataFrame, metric: str, max_regression: float,
+           seed_notes: Sequence[str] = ()) -> str:
     better = "higher" if lb.HIGHER_IS_BETTER[metric] else "lower"
     n_reg = int(table["regressed"].sum())
     lines = [f"# sfdabench compare", "",
              f"- A: `{a.path}` ({a.rows['run_id'].nunique() if 'run_id' in a.rows else '?'} runs)",
              f"- B: `{b.path}` ({b.rows['run_id'].nunique() if 'run_id' in b.rows else '?'} runs)",
              f"- metric: {metric} ({better} is better); regression: worse by more than {max_regression:g}; "
-             f"deltas are B - A of the means over seeds; p: paired two-sided Wilcoxon signed-rank test over "
+             f"deltas are B - A of the means over the seeds both sides have; p: paired two-sided Wilcoxon "
+             f"signed-rank test over "
              f"matched (seed, case) values of {metric}", ""]
     digits = lb.DIGITS[metric]
     header = ["task", "method", "variant", "organ", f"{metric} A", f"{metric} B", "Δ dice", "Δ asd", "Δ hd95",
@@ -182,6 +217,9 @@ def report(a: Side, b: Side, table: pd.DataFrame, metric: str, max_regression: f
         if len(only):
             lines += ["", f"## Only in {name}", ""]
             lines += [f"- {r.task} {r.method}/{r.variant}: {r.organ}" for r in only.itertuples(index=False)]
+    if seed_notes:
+        lines += ["", "## Seeds (only the seeds on both sides are compared)", ""]
+        lines += [f"- {n}" for n in seed_notes]
     diffs = protocol_differences(a, b)
     if diffs:
         lines += ["", "## Protocol differences (deltas across these rows compare different protocols)", ""]
@@ -220,8 +258,9 @@ def cmd_compare(args: Sequence[str]) -> int:
     for side in (a, b):
         if f"{ns.metric}_mean" not in side.summary:
             raise UsageError(f"{side.path} has no {ns.metric} column")
+    a, b, seed_notes = common_seeds(a, b, allow)
     table = compare(a, b, ns.metric, ns.max_regression)
-    text = report(a, b, table, ns.metric, ns.max_regression)
+    text = report(a, b, table, ns.metric, ns.max_regression, seed_notes)
     print(text)
     if ns.out:
         from sfdabench.results import atomic_write_text

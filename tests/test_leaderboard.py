@@ -543,3 +543,19 @@ def test_export_rows_writes_one_reference_csv_per_task(board, tmp_path):
     cols = ["task", "method", "variant", "organ", "dice_mean", "dice_std", "dice_n"]
     pd.testing.assert_frame_equal(again[cols].sort_values(cols[:4]).reset_index(drop=True),
                                   first[cols].sort_values(cols[:4]).reset_index(drop=True))
+
+
+def test_compare_uses_the_seeds_both_sides_have(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_run(a, method="m", seed=0, dice={"liver": [0.8, 0.8]})
+    write_run(a, method="q", seed=0, dice={"liver": [0.7, 0.7]})
+    for seed, value in enumerate([0.8, 0.5, 0.5]):       # seeds 1 and 2 are worse: seed variance, not a change
+        write_run(b, method="m", seed=seed, dice={"liver": [value, value]})
+    write_run(b, method="q", seed=3, dice={"liver": [0.1, 0.1]})
+    out = tmp_path / "report.md"
+    assert main(["compare", str(a), str(b), "--max-regression", "0.01", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| phantom_mri2ct | m | default | liver | 0.800 | 0.800 | +0.000 |" in text
+    assert "- phantom_mri2ct m/default: seeds 0 (A) vs 0,1,2 (B); compared over seeds 0" in text
+    assert "- phantom_mri2ct q/default: seeds 0 (A) vs 3 (B); no common seed: not compared" in text
+    assert "| q |" not in text
