@@ -197,12 +197,16 @@ def execute(cfg: Mapping[str, Any], registry: Registry | None = None) -> dict[st
     timings["source_model"] = time.perf_counter() - t0
 
     target_train = task.target.splits["train"]
+    labelled = all(c.label is not None for c in target_train)
     context = Context(
         device=device, seed=seed, cache_dir=cache_dir, run_dir=run_dir, organs=task.organs,
         sam_factory=lambda: _build_sam(cfg["sam"], registry, device, cache_dir),
         label_oracle=lambda: [c.label for c in target_train],
-        pseudo_label_scorer=lambda vols: dice_per_organ(vols, [c.label for c in target_train], task.organs),
-        box_ceiling=lambda sam, margin: box_prompt_ceiling(sam, margin, target_train, task.organs, progress),
+        # Diagnostics need target-train labels; a target without them (unlabelled data) just has none.
+        pseudo_label_scorer=(lambda vols: dice_per_organ(vols, [c.label for c in target_train], task.organs))
+        if labelled else None,
+        box_ceiling=(lambda sam, margin: box_prompt_ceiling(sam, margin, target_train, task.organs, progress))
+        if labelled else None,
         allow_labels=method_cls.uses_target_labels, progress=progress_enabled)
     seed_everything(seed)
     t0 = time.perf_counter()
