@@ -28,9 +28,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -41,6 +39,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
+from sfdabench import atomic
 from sfdabench.api import Case, DatasetAdapter, SfdaBenchError, _plain
 from sfdabench.results import atomic_write_text, locked
 
@@ -421,18 +420,9 @@ class PreparedCache:
         """Write the case's npz (temp name, then rename), then the manifest entry (atomically, last)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         name = re.sub(r"[^A-Za-z0-9._-]", "_", case_id) + ".npz"
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                write_npz(fh, image=prepared.image, label=prepared.label,
-                          spacing=np.asarray(prepared.spacing, np.float64))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.folder / name)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        atomic.write_bytes(self.folder / name, lambda fh: write_npz(
+            fh, image=prepared.image, label=prepared.label, spacing=np.asarray(prepared.spacing, np.float64)),
+            fsync=True)
         entry = {"file": name, "bytes": (self.folder / name).stat().st_size, "shape": list(prepared.image.shape),
                  "spacing": list(prepared.spacing), "content_sha1": content_hash(prepared), "sources": dict(stamps),
                  "prepare_seconds": round(seconds, 3), **prepared.info}

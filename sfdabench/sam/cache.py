@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
@@ -26,6 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from sfdabench import atomic
 from sfdabench.api import SamBackend, SamEmbedding
 
 log = logging.getLogger("sfdabench")
@@ -133,11 +133,4 @@ class EmbeddingCache(SamBackend):
 
     @staticmethod
     def _atomic(path: Path, write) -> None:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic.write_bytes(path, write)
