@@ -9,11 +9,11 @@ seeds. Every other argument is a Hydra override passed through to every run (``p
 How runs are launched: each variant is registered as an option of the config group ``sfdabench_ablation``
 (Hydra ConfigStore, package ``_global_``) that sets DFG's switches, and the grid is one ordinary multirun,
 ``sfdabench run -m method=dfg +sfdabench_ablation=<v1>,<v2>,... seed=<s1>,<s2>,... [overrides]``, through
-``cli.cmd_run``. So every run is a normal protocol run: the configured launcher applies (ConfigStore state
+``config.run``. So every run is a normal protocol run: the configured launcher applies (ConfigStore state
 travels to joblib and SLURM jobs with Hydra's singleton state), finished runs are skipped on relaunch, rows
 land in the leaderboard, and the resolved config, hence the run id, is the same as for a hand-written
 ``sfdabench run method=dfg method.cp=false ...``. The expected run ids are computed beforehand from the
-composed configs (``prepare.compose_run_config``), which also checks every grid config before any run starts.
+composed configs (``config.compose_run_config``), which also checks every grid config before any run starts.
 
 Output: ``<results_dir>/ablations/<task>/ablation.{csv,md}``: variant x organ Dice (mean ± std over seeds) and
 the pseudo-label Dice per stage (``summary.json`` ``diagnostics.pseudo_label_dice``: before SAM, after SAM,
@@ -90,12 +90,25 @@ def _list(value: str) -> list[str]:
     return [v.strip() for v in value.strip().strip("[]").split(",") if v.strip()]
 
 
+HELP = """usage: sfdabench ablate task=<t> [seeds=[0,1,2]] [variants=[fa+dbs+cp,fa-only,...]] [table_only=true]
+                       [--config-dir DIR] [overrides]
+
+Run DFG's ablation grid (17 variants by default: FA on/off x box search naive/tbs/mbs/dbs x CP on/off, plus
+fa-only; fa+mbs+nos3+cp turns stage 3 off) over the seeds as one Hydra multirun, then write
+<results_dir>/ablations/<task>/ablation.{csv,md}. Finished runs are skipped; table_only=true only writes
+the table. Other overrides apply to every run (preset=test, device=cpu, hydra/launcher=joblib, ...)."""
+
+
 def parse_args(args: Sequence[str]) -> tuple[list[int], list[str], bool, list[str]]:
     """(seeds, variants, table_only, pass-through Hydra overrides)."""
+    from sfdabench.config import expand_config_dirs
+
     seeds, variants, table_only, overrides = [0, 1, 2], default_grid(), False, []
-    for arg in args:
+    for arg in expand_config_dirs(args):
         if arg in ("-m", "--multirun"):
             continue  # ablate always sweeps
+        if arg.startswith("-"):
+            raise UsageError(f"unknown option '{arg}' for ablate; see sfdabench ablate --help")
         key, _, value = arg.partition("=")
         bare = key.lstrip("+~")
         if key == "seeds":
@@ -144,7 +157,7 @@ def expected_runs(seeds: Sequence[int], variants: Sequence[str], overrides: Sequ
     """(variant, seed, run_id) of every grid run, from the composed configs; and one composed config."""
     from sfdabench.api import _plain
     from sfdabench.plugins import get_registry
-    from sfdabench.prepare import compose_run_config
+    from sfdabench.config import compose_run_config
     from sfdabench.results import config_hash
 
     dfg = get_registry().get("methods", "dfg")
@@ -159,17 +172,13 @@ def expected_runs(seeds: Sequence[int], variants: Sequence[str], overrides: Sequ
     return pd.DataFrame(records), cfg
 
 
-def launch(seeds: Sequence[int], variants: Sequence[str], overrides: Sequence[str]) -> None:
-    """One Hydra multirun over variants x seeds through ``cmd_run`` (launchers apply)."""
-    from hydra.core.global_hydra import GlobalHydra
+def launch(seeds: Sequence[int], variants: Sequence[str], overrides: Sequence[str]) -> int:
+    """One Hydra multirun over variants x seeds (launchers apply); the exit code of the sweep."""
+    from sfdabench.config import run
 
-    from sfdabench.cli import cmd_run
-
-    try:
-        cmd_run(["-m", "method=dfg", f"+{GROUP}={','.join(variants)}", f"seed={','.join(map(str, seeds))}",
-                 *overrides])
-    finally:
-        GlobalHydra.instance().clear()  # hydra.main leaves itself initialised; a later compose would refuse
+    # prevalidated: expected_runs() composed and checked every grid config already
+    return run(["-m", "method=dfg", f"+{GROUP}={','.join(variants)}", f"seed={','.join(map(str, seeds))}",
+                *overrides], prevalidated=True)
 
 
 # -------------------------------------------------------------------------------------------- table
@@ -268,6 +277,9 @@ def write_table(expected: pd.DataFrame, results_dir: Path, task: str, seeds: Seq
 
 
 def cmd_ablate(args: Sequence[str]) -> int:
+    if any(a in ("-h", "--help") for a in args):
+        print(HELP)
+        return 0
     seeds, variants, table_only, overrides = parse_args(args)
     register_variants(variants)
     expected, cfg = expected_runs(seeds, variants, overrides)
@@ -277,7 +289,9 @@ def cmd_ablate(args: Sequence[str]) -> int:
             if not (folders.get(r.run_id, Path("/nonexistent")) / "done").exists()]
     log.info("ablation on %s: %d variants x %d seeds, %d run(s) to do", task, len(variants), len(seeds), len(todo))
     if todo and not table_only:
-        launch(seeds, variants, overrides)  # finished runs are skipped by the protocol itself
+        code = launch(seeds, variants, overrides)  # finished runs are skipped by the protocol itself
+        if code:
+            return code  # the failing run printed its one line
     text, missing = write_table(expected, results_dir, task, seeds)
     print(text)
     return 1 if missing and not table_only else 0

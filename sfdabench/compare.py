@@ -8,14 +8,19 @@ change, and a paired
 Wilcoxon signed-rank test over matched per-case values: the runs' ``per_case.csv`` files are found through
 the results dir that holds each CSV (``runs/*__<run_id>/``) and matched by (task, method, variant, seed,
 case, organ); the ``mean`` organ pairs each case's mean over organs. Rows on one side only and protocol
-differences between the sides are listed separately.
+differences between the sides are listed separately. Seeds are paired with their source model: when A and B
+started a (task, seed) from different source weights (``source_weights``), or when one side did not record its
+weights (rows older than that column), the report and stderr say so, since the deltas there then mix the
+method change with a change of source model.
 
 Exit code 0, or 1 when an aligned row regressed by more than ``--max-regression`` on ``--metric`` (Dice: a
-decrease; ASD/HD95: an increase), so CI can gate on it.
+decrease; ASD/HD95: an increase), so CI can gate on it; 2 when no row aligns (e.g. other tasks): a gate that
+compared nothing must not pass.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +31,9 @@ import pandas as pd
 
 from sfdabench import leaderboard as lb
 from sfdabench.api import UsageError
+from sfdabench.results import read_rows, source_model
 
+log = logging.getLogger("sfdabench")
 ALIGN = ["task", "method", "variant", "organ"]
 CASE_KEY = ["task", "method", "variant", "seed", "case", "organ"]
 
@@ -96,7 +103,7 @@ def per_case_values(rows: pd.DataFrame, results_dir: Path) -> tuple[pd.DataFrame
         if not path.is_file():
             missing.append(str(run.run_id))
             continue
-        cases = pd.read_csv(path, dtype={"case": str, "run_id": str})
+        cases = read_rows(path, lb.METRICS)
         metrics = [m for m in lb.METRICS if m in cases]
         cases = cases[["case", "organ", *metrics]]
         # The overall ("mean") row pairs each case's mean over organs, as the leaderboard's mean row
@@ -138,13 +145,48 @@ def protocol_differences(a: Side, b: Side) -> list[str]:
             va, vb = sorted(set(ga[col])), sorted(set(gb[col]))
             if va != vb:
                 lines.append(f"{g.task} {g.method}/{g.variant}: {col} {'/'.join(va)!r} (A) vs {'/'.join(vb)!r} (B)")
-        if "source_ckpt" in ga and "source_ckpt" in gb:
-            ca = ga.drop_duplicates("seed").set_index("seed")["source_ckpt"]
-            cb = gb.drop_duplicates("seed").set_index("seed")["source_ckpt"]
-            seeds = [s for s in ca.index if s in cb.index and ca[s] != cb[s]]
-            if seeds:
-                lines.append(f"{g.task} {g.method}/{g.variant}: source_ckpt differs for seed "
-                             f"{', '.join(map(str, seeds))} (e.g. {ca[seeds[0]]} (A) vs {cb[seeds[0]]} (B))")
+    return lines
+
+
+def source_differences(a: Side, b: Side) -> list[str]:
+    """Per (task, seed) compared on both sides: a line when A and B started from different source weights, and
+    per task a line for the seeds where that cannot be checked (a side's rows did not record their weights).
+    Equal configs do not count as equal weights: one config gave other weights under another thread count."""
+    group = ["task", "method", "variant"]
+    both = a.rows[group].drop_duplicates().merge(b.rows[group].drop_duplicates())
+
+    def models(side: Side) -> pd.Series:
+        rows = side.rows.merge(both)  # only the groups that are compared
+        if "seed" not in rows or not len(rows):
+            return pd.Series(dtype=object)
+        rows = rows.assign(_model=source_model(rows))
+        return rows.groupby(["task", "seed"], sort=False)["_model"].agg(lambda v: tuple(sorted(set(v))))
+
+    def recorded(ids: tuple) -> bool:
+        return all(i and not i.startswith("config:") for i in ids)
+
+    def shown(ids: tuple) -> str:
+        return "/".join(i or "(none)" for i in ids)
+
+    ma, mb = models(a), models(b)
+    lines, unknown = [], {}
+    for task, seed in ma.index:
+        if (task, seed) not in mb.index:
+            continue
+        va, vb = ma[(task, seed)], mb[(task, seed)]
+        if recorded(va) and recorded(vb):
+            if va != vb:
+                lines.append(f"{task} seed {seed}: A and B used different source weights ({shown(va)} (A) vs "
+                             f"{shown(vb)} (B)): deltas there mix the method change with another source model")
+        elif not recorded(va) and not recorded(vb) and va != vb:
+            lines.append(f"{task} seed {seed}: A and B used different source configs ({shown(va)} (A) vs "
+                         f"{shown(vb)} (B)), so different source weights")
+        else:
+            sides = "/".join(n for n, v in (("A", va), ("B", vb)) if not recorded(v))
+            unknown.setdefault((task, sides), []).append(seed)
+    for (task, sides), seeds in unknown.items():
+        lines.append(f"{task} seed {', '.join(map(str, seeds))}: source weights not recorded in {sides} (rows "
+                     f"without source_weights): whether A and B used the same source weights is unknown")
     return lines
 
 
@@ -220,6 +262,10 @@ def report(a: Side, b: Side, table: pd.DataFrame, metric: str, max_regression: f
     if seed_notes:
         lines += ["", "## Seeds (only the seeds on both sides are compared)", ""]
         lines += [f"- {n}" for n in seed_notes]
+    sources = source_differences(a, b)
+    if sources:
+        lines += ["", "## Source weights (every seed of A and B should start from the same source model)", ""]
+        lines += [f"- {s}" for s in sources]
     diffs = protocol_differences(a, b)
     if diffs:
         lines += ["", "## Protocol differences (deltas across these rows compare different protocols)", ""]
@@ -231,6 +277,19 @@ def report(a: Side, b: Side, table: pd.DataFrame, metric: str, max_regression: f
     lines += ["", f"**{len(table)} aligned rows, {n_reg} regression(s) on {metric} beyond {max_regression:g}"
                   + (" -> exit code 1**" if n_reg else "**")]
     return "\n".join(lines) + "\n"
+
+
+def no_alignment(a: Side, b: Side) -> str:
+    """Why no row of A aligns with a row of B, and what to pass instead (one line)."""
+    def names(side: Side) -> str:
+        return ", ".join(dict.fromkeys(side.rows["task"].astype(str))) or "none"
+
+    group = ["task", "method", "variant"]
+    shared = a.rows[group].drop_duplicates().merge(b.rows[group].drop_duplicates())
+    why = ("no (task, method, variant) is on both sides" if not len(shared)
+           else "the (task, method, variant) groups on both sides have no seed in common")
+    return (f"no row of A ({a.path}) aligns with B ({b.path}): {why} (tasks: {names(a)} in A, {names(b)} in B); "
+            f"compare leaderboards of the same task, methods and seeds")
 
 
 def _delta(v, digits: int) -> str:
@@ -258,10 +317,15 @@ def cmd_compare(args: Sequence[str]) -> int:
     for side in (a, b):
         if f"{ns.metric}_mean" not in side.summary:
             raise UsageError(f"{side.path} has no {ns.metric} column")
+    whole = (a, b)  # before common_seeds: to say why nothing aligns
     a, b, seed_notes = common_seeds(a, b, allow)
     table = compare(a, b, ns.metric, ns.max_regression)
+    if not len(table):
+        raise UsageError(no_alignment(*whole))
     text = report(a, b, table, ns.metric, ns.max_regression, seed_notes)
     print(text)
+    for line in source_differences(a, b):
+        log.warning("compare: %s", line)
     if ns.out:
         from sfdabench.results import atomic_write_text
 

@@ -1,7 +1,8 @@
 """How much of the domain gap a method closed: ``gap_closed = (method - source_only) / (oracle - source_only)``.
 
 Computed per seed, per organ and for the ``mean`` row, against the ``source_only`` (lower reference) and
-``oracle`` (upper reference, target-supervised) runs of the *same task, seed and source checkpoint*, then
+``oracle`` (upper reference, target-supervised) runs of the *same task, seed and source weights* (rows
+written before the weights were recorded pair by their ``source_config``; see results.source_model), then
 aggregated over seeds (mean, std with ddof=1, n) like every other leaderboard number. 0 means no better than
 the source model, 1 means as good as target supervision; values below 0 or above 1 are kept (they happen).
 
@@ -19,7 +20,10 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from sfdabench.results import source_model
+
 LOWER, UPPER = "source_only", "oracle"
+_SOURCE = "_source_model"  # working column: the source model a row started from
 #: gap_closed column name per metric (Dice is the headline column).
 COLUMNS = {"dice": "gap_closed", "asd": "gap_closed_asd", "hd95": "gap_closed_hd95"}
 HIGHER_IS_BETTER = {"dice": True, "asd": False, "hd95": False}
@@ -29,33 +33,37 @@ MIN_RELATIVE_DISTANCE_GAP = 0.01
 
 
 def _reference(rows: pd.DataFrame, method: str) -> tuple[pd.DataFrame, list[str]]:
-    """One run of ``method`` per (task, seed, source_ckpt): its rows indexed by that key and organ."""
+    """One run of ``method`` per (task, seed, source model): its rows indexed by that key and organ."""
     ref = rows[rows["method"] == method]
     notes = []
     runs = ref.drop_duplicates("run_id") if "run_id" in ref else ref
-    for (task, seed, ckpt), group in runs.groupby(["task", "seed", "source_ckpt"], sort=False):
+    for (task, seed, ckpt), group in runs.groupby(["task", "seed", _SOURCE], sort=False):
         if len(group) > 1:  # e.g. oracle init-source and init-scratch: take the first variant in name order
             chosen = sorted(group["variant"])[0]
             notes.append(f"{task} seed {seed}: several {method} variants ({', '.join(sorted(group['variant']))}); "
                          f"gap_closed uses {chosen}")
-            ref = ref[~((ref["task"] == task) & (ref["seed"] == seed) & (ref["source_ckpt"] == ckpt)
+            ref = ref[~((ref["task"] == task) & (ref["seed"] == seed) & (ref[_SOURCE] == ckpt)
                         & (ref["variant"] != chosen))]
-    return ref.set_index(["task", "seed", "source_ckpt", "organ"]), notes
+    return ref.set_index(["task", "seed", _SOURCE, "organ"]), notes
 
 
 def per_seed(rows: pd.DataFrame, metrics: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
     """``rows`` (one run per key and seed) plus a ``gap_closed*`` column per metric and a ``gap_reason``
     column (why the Dice gap is empty, '' where defined); and notes for the table."""
     out = rows.copy()
-    needed = {"task", "seed", "source_ckpt", "organ", "method"}
-    if not needed <= set(rows.columns):
+    needed = {"task", "seed", "organ", "method"}
+    lacking = sorted(needed - set(rows.columns))
+    if "source_weights" not in rows and "source_config" not in rows:
+        lacking.append("source_weights")
+    if lacking:
         for metric in metrics:
             out[COLUMNS[metric]] = np.nan
-        out["gap_reason"] = f"rows lack {', '.join(sorted(needed - set(rows.columns)))}"
+        out["gap_reason"] = f"rows lack {', '.join(lacking)}"
         return out, []
+    rows = rows.assign(**{_SOURCE: source_model(rows)})
     lower, notes_lo = _reference(rows, LOWER)
     upper, notes_hi = _reference(rows, UPPER)
-    index = pd.MultiIndex.from_frame(rows[["task", "seed", "source_ckpt", "organ"]])
+    index = pd.MultiIndex.from_frame(rows[["task", "seed", _SOURCE, "organ"]])
     reason = pd.Series("", index=rows.index, dtype=object)
     has_lo = index.isin(lower.index)
     has_hi = index.isin(upper.index)

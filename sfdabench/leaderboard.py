@@ -8,10 +8,14 @@ marked and never ranked.
 Rows are only comparable under one protocol, so merging is refused (one line, exit code 2) when
   - ``asd_unit``, ``empty_policy``, ``selection`` or ``metric_version`` differ anywhere in the table,
   - ``data_protocol`` differs within a task (tasks legitimately differ: the phantom is not CHAOS),
-  - ``source_ckpt`` differs within a (task, seed): every method of a seed must start from the same source
-    model (it legitimately differs between seeds),
-unless ``--allow-mixed COL[,COL]`` is given. Allowed mixed protocol columns (other than ``source_ckpt``)
+  - ``source_weights`` differs within a (task, seed): every method of a seed must start from the same source
+    weights (they legitimately differ between seeds). Rows written before the weights were recorded (empty
+    ``source_weights``) are compared by their ``source_config`` instead, and never count as equal to a row that
+    has a weights hash: one config gave other weights under another thread count,
+unless ``--allow-mixed COL[,COL]`` is given. Allowed mixed protocol columns (other than ``source_weights``)
 join the aggregation key, so rows of different protocols are shown side by side, never averaged together.
+
+Rows are read by :func:`sfdabench.results.read_rows`: identifiers and text are kept as the strings written.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import pandas as pd
 
 from sfdabench import gap_closed
 from sfdabench.api import UsageError
+from sfdabench.results import read_rows, source_model
 
 log = logging.getLogger("sfdabench")
 
@@ -37,9 +42,11 @@ KEY = ["task", "method", "variant", "selection", "sam"]
 #: Protocol columns compared across the whole table, within a task, and within a (task, seed).
 GLOBAL_PROTOCOL = ("asd_unit", "empty_policy", "selection", "metric_version")
 TASK_PROTOCOL = ("data_protocol",)
-SEED_PROTOCOL = ("source_ckpt",)
+SEED_PROTOCOL = ("source_weights",)  # compared through results.source_model (legacy rows: their config)
 PROTOCOL_COLUMNS = GLOBAL_PROTOCOL + TASK_PROTOCOL + SEED_PROTOCOL
 DEFAULT_INPUT = Path("sfdabench-results") / "leaderboard.csv"
+#: Columns without which rows cannot be aggregated (plus at least one of METRICS).
+REQUIRED = ("task", "method", "organ")
 SUMMARY_NAME = "leaderboard_summary"
 
 
@@ -62,22 +69,23 @@ def resolve_input(path: str | Path) -> Path:
 
 
 def read_leaderboard(path: str | Path) -> pd.DataFrame:
-    """One leaderboard CSV with normalised types (missing columns of old files filled in)."""
+    """One leaderboard CSV, read losslessly (results.read_rows); missing columns of old files filled in."""
     path = resolve_input(path)
-    rows = pd.read_csv(path, dtype={"run_id": str, "config_hash": str, "source_ckpt": str, "variant": str})
-    for col in PROTOCOL_COLUMNS + ("sam",):
-        if col in rows:
-            rows[col] = rows[col].astype("string").fillna("").astype(str)  # empty cells read as NaN
+    rows = read_rows(path, METRICS)
+    if not len(rows):
+        raise UsageError(f"{path} has no rows (the file is empty or a header only); pass a leaderboard with "
+                         f"rows, e.g. the results_dir/leaderboard.csv that `sfdabench run` writes")
+    missing = [c for c in REQUIRED if c not in rows] + ([] if any(m in rows for m in METRICS) else
+                                                         [" or ".join(METRICS)])
+    if missing:
+        raise UsageError(f"{path} lacks the column(s) {', '.join(missing)} that leaderboard rows need; pass a "
+                         f"leaderboard CSV as `sfdabench run` writes it (columns: {', '.join(REQUIRED)}, "
+                         f"{', '.join(METRICS)}, ...)")
     for col in KEY:  # old or hand-made files may lack key columns
-        default = "default" if col == "variant" else ""
-        rows[col] = rows[col].fillna(default) if col in rows else default
+        if col not in rows:
+            rows[col] = "default" if col == "variant" else ""
     if "sfda" not in rows:
         rows["sfda"] = True
-    # CSV round trips make booleans strings when a column has gaps; only an explicit false is not SFDA.
-    rows["sfda"] = rows["sfda"].map(lambda v: str(v).strip().lower() not in ("false", "0", "no"))
-    for metric in METRICS:
-        if metric in rows:
-            rows[metric] = pd.to_numeric(rows[metric], errors="coerce")
     return rows
 
 
@@ -128,8 +136,10 @@ def protocol_problems(rows: pd.DataFrame, allow_mixed: Iterable[str] = ()) -> li
                 if msg := _differences(group, col, f" within task {task}"):
                     problems.append((col, msg))
     for col in SEED_PROTOCOL:
-        if col in rows and col not in allow and "seed" in rows:
-            for (task, seed), group in rows.groupby(["task", "seed"], sort=False):
+        has_source = "source_weights" in rows or "source_config" in rows
+        if has_source and col not in allow and "seed" in rows:
+            by_model = rows.assign(**{col: source_model(rows)})  # weights, or the config of legacy rows
+            for (task, seed), group in by_model.groupby(["task", "seed"], sort=False):
                 if msg := _differences(group, col, f" within task {task} seed {seed}"):
                     problems.append((col, msg))
     return problems
@@ -154,7 +164,7 @@ def parse_allow_mixed(values: Sequence[str] | None) -> list[str]:
 
 
 def group_key(allow_mixed: Iterable[str] = ()) -> list[str]:
-    """Aggregation key: allowed mixed protocol columns split groups (source_ckpt varies per seed: it cannot)."""
+    """Aggregation key: allowed mixed protocol columns split groups (source_weights varies per seed: it cannot)."""
     extra = [c for c in PROTOCOL_COLUMNS if c in set(allow_mixed) and c not in KEY and c not in SEED_PROTOCOL]
     return KEY + extra
 
@@ -188,6 +198,10 @@ def aggregate(rows: pd.DataFrame, allow_mixed: Iterable[str] = ()) -> pd.DataFra
     check_protocol(rows, allow_mixed)
     key = group_key(allow_mixed)
     rows = latest_run_per_seed(rows, key)
+    if "finished_at" in rows:
+        # Seeds in the order they finished, as in a results dir's leaderboard.csv: float sums depend on the
+        # order, so rows exported per task (sorted by method) aggregate to the very same bits.
+        rows = rows.sort_values("finished_at", kind="stable", na_position="first")
     metrics = [m for m in METRICS if m in rows]
     rows, gap_notes = gap_closed.per_seed(rows, metrics)
     values = metrics + [gap_closed.COLUMNS[m] for m in metrics]
@@ -418,7 +432,9 @@ def cmd_leaderboard(args: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="sfdabench leaderboard",
                                      description="Aggregate leaderboard rows over seeds and rank methods.")
     parser.add_argument("results", nargs="*", help=f"leaderboard CSVs or results dirs (default {DEFAULT_INPUT})")
-    parser.add_argument("--out", type=Path, help="output dir (default: next to the first input)")
+    parser.add_argument("--out", type=Path,
+                        help="output dir (default: the current directory; never beside the inputs, which may be "
+                             "committed reference files)")
     parser.add_argument("--allow-mixed", action="append", metavar="COL[,COL]",
                         help=f"aggregate despite differing protocol columns ({', '.join(PROTOCOL_COLUMNS)})")
     parser.add_argument("--export-rows", action="store_true",
@@ -427,7 +443,7 @@ def cmd_leaderboard(args: Sequence[str]) -> int:
     inputs = ns.results or [DEFAULT_INPUT]
     rows = load_rows(inputs)
     summary = aggregate(rows, parse_allow_mixed(ns.allow_mixed))
-    out_dir = ns.out or resolve_input(inputs[0]).parent
+    out_dir = ns.out or Path.cwd()
     paths = write_outputs(summary, out_dir)
     if ns.export_rows:
         paths.update(export_rows(rows, out_dir))

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from sfdabench.api import SfdaBenchError, UsageError
+from sfdabench.results import read_rows
 
 log = logging.getLogger("sfdabench")
 
@@ -58,7 +59,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     env = run_dir / "environment.json"
     run["environment"] = json.loads(env.read_text()) if env.is_file() else {}
     per_case = run_dir / "per_case.csv"
-    run["per_case"] = pd.read_csv(per_case, dtype={"case": str}) if per_case.is_file() else pd.DataFrame()
+    run["per_case"] = read_rows(per_case) if per_case.is_file() else pd.DataFrame()  # case ids stay strings
     return run
 
 
@@ -207,7 +208,11 @@ def _facts(run: Mapping[str, Any]) -> pd.DataFrame:
     facts = {
         "task": s.get("task"), "method": s.get("method"), "variant": s.get("variant"), "seed": s.get("seed"),
         "source-free (SFDA)": "yes" if s.get("sfda", True) else "NO: uses target labels (upper bound / diagnostic)",
-        "source checkpoint": f"{s.get('source_ckpt')} ({source.get('checkpoint', '?')})",
+        # source_weights: hash of the checkpoint file (what the model was); source_config: the recipe that named
+        # it (runs before source_weights existed recorded only that, as source_ckpt).
+        "source checkpoint": f"weights {s.get('source_weights') or 'not recorded'} "
+                             f"({source.get('checkpoint', '?')})",
+        "source config": s.get("source_config", s.get("source_ckpt")),
         "source in-domain mean Dice": "n/a" if in_domain is None else f"{in_domain:.4f} (source test split)",
         "checkpoint selection": s.get("selection"), "ASD/HD95 unit": s.get("asd_unit"),
         "empty-mask policy": s.get("empty_policy"), "data protocol": s.get("data_protocol"),

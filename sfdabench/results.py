@@ -15,20 +15,24 @@ import fcntl
 import hashlib
 import importlib.metadata as md
 import json
-import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import pandas as pd
 
+from sfdabench import atomic
+
 LEADERBOARD_COLUMNS = [
     "task", "method", "variant", "seed", "organ", "dice", "asd", "hd95", "asd_unit", "empty_policy", "selection",
-    "source_ckpt", "sfda", "sam", "data_protocol", "n_cases", "config_hash", "run_id", "git_rev",
-    "sfdabench_version", "metric_version", "runtime_s", "finished_at",
+    "source_weights", "source_config", "train_threads", "sfda", "sam", "data_protocol", "n_cases", "config_hash",
+    "run_id", "git_rev", "sfdabench_version", "metric_version", "runtime_s", "finished_at",
 ]
+#: ``source_weights``: SHA-256 (first 16 hex) of the cached source checkpoint file: the weights every method of
+#: a (task, seed) must share. ``source_config``: the hash of the source config that names the cache entry (it
+#: was called ``source_ckpt`` before; it names a recipe, not weights). ``train_threads``: torch CPU threads of
+#: the source training (results move across thread counts, see README "Determinism").
 
 
 def config_hash(resolved: Mapping[str, Any]) -> str:
@@ -79,16 +83,8 @@ def save_predictions(path: Path, volumes: Mapping[str, Any]) -> None:
     """Predicted label volumes by case id, as a compressed npz written atomically."""
     import numpy as np
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".predictions-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez_compressed(handle, **{str(k): np.asarray(v, dtype=np.uint8) for k, v in volumes.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic.write_bytes(path, lambda handle: np.savez_compressed(
+        handle, **{str(k): np.asarray(v, dtype=np.uint8) for k, v in volumes.items()}))
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -104,18 +100,7 @@ def _json_default(obj: Any) -> Any:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic.write_bytes(path, lambda handle: handle.write(text.encode()), fsync=True)
 
 
 @contextlib.contextmanager
@@ -130,18 +115,142 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+#: Leaderboard / per_case columns read as numbers. Every other column (identifiers, protocol text, columns this
+#: version does not know) is kept as the exact string written: pandas' type guessing turned a hash such as
+#: ``5549378735e3`` into ``5549378735000.0`` and dropped leading zeros of ``000123456789``.
+METRIC_COLUMNS = ("dice", "asd", "hd95")
+INTEGER_COLUMNS = ("seed", "n_cases", "train_threads", "gt_voxels", "pred_voxels")
+NUMERIC_COLUMNS = METRIC_COLUMNS + INTEGER_COLUMNS + ("runtime_s",)
+#: Columns renamed on reading (old name -> current name).
+LEGACY_COLUMNS = {"source_ckpt": "source_config"}
+_FALSE = ("false", "0", "no")
+
+
+def _read_records(path: Path) -> tuple[list[str], str, list[tuple[list[str], str]]]:
+    """Header fields, header text and (fields, exact text) of every record of a CSV file, nothing converted.
+    Blank lines are skipped; the text of a record spans several lines when a quoted field holds a newline."""
+    import csv
+
+    with open(path, encoding="utf-8-sig", newline="") as fh:  # newline="": keep each record's own line end
+        consumed: list[str] = []
+
+        def lines():
+            for line in fh:
+                consumed.append(line)
+                yield line
+
+        header: list[str] | None = None
+        head_text, records = "", []
+        for fields in csv.reader(lines()):
+            text = "".join(consumed)
+            consumed.clear()
+            if not any(f.strip() for f in fields):
+                continue
+            if header is None:
+                header, head_text = fields, text
+            else:
+                records.append((fields, text))
+    return header or [], head_text, records
+
+
+def _csv_line(fields) -> str:
+    """One CSV record as pandas' ``to_csv`` writes it (csv module, minimal quoting, ``\\n``)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(list(fields))
+    return buf.getvalue()
+
+
+def _current_names(header: list[str]) -> list[str]:
+    """Legacy column names replaced by their current names (unless the file already has the current one)."""
+    return [LEGACY_COLUMNS[c] if c in LEGACY_COLUMNS and LEGACY_COLUMNS[c] not in header else c for c in header]
+
+
+def read_rows(path: str | Path, numeric: tuple[str, ...] | list[str] = ()) -> pd.DataFrame:
+    """A leaderboard or per_case CSV, read losslessly: every cell is first read as the exact string written
+    (no NaN guessing), then only :data:`NUMERIC_COLUMNS` (and ``numeric``, e.g. a metric plugin's columns) become
+    numbers and ``sfda`` a bool (only an explicit false is not SFDA). Legacy ``source_ckpt`` is read as
+    ``source_config``; a leaderboard without ``source_weights`` (rows written before weights were recorded)
+    gets it empty. The only reader of these files: results, leaderboard, compare, ablate and report use it."""
+    from sfdabench.api import UsageError
+
+    path = Path(path)
+    header, _, records = _read_records(path)
+    names = _current_names(header)
+    if len(set(names)) < len(names):
+        dup = sorted({c for c in names if names.count(c) > 1})
+        raise UsageError(f"{path}: column {', '.join(dup)} appears twice in the header; keep one of them")
+    width = len(names)
+    for fields, text in records:
+        if len(fields) > width:
+            raise UsageError(f"{path}: a row has {len(fields)} fields, the header {width}: {text.strip()[:80]!r}; "
+                             "fix or remove that row")
+    data = [fields + [""] * (width - len(fields)) for fields, _ in records]  # short rows: empty cells
+    rows = (pd.DataFrame(data, columns=names, dtype=str) if data
+            else pd.DataFrame({c: pd.Series(dtype=str) for c in names}))
+    for old, new in LEGACY_COLUMNS.items():
+        if old in rows and new in rows:  # both names (a hand-merged file): the current one wins where filled
+            rows[new] = rows[new].where(rows[new] != "", rows[old])
+            rows = rows.drop(columns=old)
+    if "source_config" in rows and "source_weights" not in rows:
+        rows.insert(rows.columns.get_loc("source_config"), "source_weights", "")  # not recorded
+    for col in dict.fromkeys([*NUMERIC_COLUMNS, *numeric]):
+        if col in rows:
+            values = pd.to_numeric(rows[col].str.strip(), errors="coerce")
+            whole = values.dropna()
+            if col in INTEGER_COLUMNS and col != "seed" and values.isna().any() and (whole == whole.round()).all():
+                values = values.astype("Int64")  # gaps (legacy rows) must not turn 1 into 1.0 on export
+            rows[col] = values
+    if "sfda" in rows:
+        rows["sfda"] = rows["sfda"].map(lambda v: v.strip().lower() not in _FALSE).astype(bool)
+    return rows
+
+
+def source_model(rows: pd.DataFrame) -> pd.Series:
+    """Identity of the source model each row started from: ``source_weights`` (the checkpoint file's hash),
+    or for legacy rows that did not record it ``config:<source_config>`` (a recipe: the same config gave other
+    weights under another thread count, so a weights hash and a config key never count as equal)."""
+    empty = pd.Series("", index=rows.index, dtype=object)
+    weights = rows["source_weights"].fillna("").astype(str) if "source_weights" in rows else empty
+    config = rows["source_config"].fillna("").astype(str) if "source_config" in rows else empty
+    legacy = ("config:" + config).where(config != "", "")
+    return weights.where(weights != "", legacy)
+
+
 def append_rows(leaderboard: Path, rows: pd.DataFrame) -> None:
-    """Add ``rows`` to the leaderboard CSV atomically, replacing earlier rows of the same run ids."""
+    """Add ``rows`` to the leaderboard CSV atomically, replacing earlier rows of the same run ids.
+
+    Earlier rows are never parsed into numbers and printed again: they are kept as the exact text they were
+    written as, so when the new rows bring no new column every kept row's bytes are unchanged. A new column
+    (or a legacy file's first row of the current schema) rewrites the header in the documented column order;
+    old rows then get empty cells for it and keep the exact string of every value."""
+    rows = rows.rename(columns={old: new for old, new in LEGACY_COLUMNS.items() if new not in rows})
+    replaced = {str(v) for v in rows["run_id"]} if "run_id" in rows else set()
     with locked(leaderboard):
-        frames = []
-        if leaderboard.exists() and leaderboard.stat().st_size:
-            old = pd.read_csv(leaderboard, dtype={"run_id": str, "config_hash": str})
-            frames.append(old[~old["run_id"].isin(set(rows["run_id"]))])
-        frames.append(rows)
-        table = pd.concat(frames, ignore_index=True) if len(frames) > 1 else rows
-        columns = [c for c in LEADERBOARD_COLUMNS if c in table.columns]
-        columns += [c for c in table.columns if c not in columns]
-        atomic_write_text(leaderboard, table[columns].to_csv(index=False))
+        header, head_text, records = _read_records(leaderboard) if leaderboard.exists() else ([], "", [])
+        names = _current_names(header)
+        if replaced and "run_id" in names:
+            at = names.index("run_id")
+            records = [r for r in records if (r[0][at] if at < len(r[0]) else "") not in replaced]
+        added = [c for c in rows.columns if c not in names]
+        if header and not added:  # same columns: header and kept rows verbatim, new rows in the file's order
+            columns = names
+            head = head_text if names == header else _csv_line(names)
+            body = [text for _, text in records]
+            if body and not body[-1].endswith(("\n", "\r")):
+                body[-1] += "\n"
+        else:
+            known = set(names) | set(added)
+            columns = [c for c in LEADERBOARD_COLUMNS if c in known]
+            columns += [c for c in [*names, *added] if c not in columns]
+            head = _csv_line(columns)
+            body = [_csv_line(dict(zip(names, fields)).get(c, "") for c in columns) for fields, _ in records]
+        if not head.endswith(("\n", "\r")):
+            head += "\n"
+        new = rows.reindex(columns=columns).to_csv(index=False, header=False, lineterminator="\n")
+        atomic_write_text(leaderboard, head + "".join(body) + new)
 
 
 def now_iso() -> str:

@@ -27,7 +27,7 @@ from conftest import REPO, TINY_PHANTOM, run_cli
 from sfdabench import ablate, compare, leaderboard as lb
 from sfdabench.api import UsageError
 from sfdabench.cli import main
-from sfdabench.results import append_rows
+from sfdabench.results import append_rows, read_rows
 
 ORGANS = ["spleen", "liver"]
 
@@ -36,7 +36,8 @@ ORGANS = ["spleen", "liver"]
 
 
 def write_run(results: Path, *, dice: dict[str, list[float]], task="phantom_mri2ct", method="m", variant="default",
-              seed=0, sfda=True, asd_unit="mm", source_ckpt=None, data_protocol="phantom", metric_version="1;asd=union",
+              seed=0, sfda=True, asd_unit="mm", source_weights=None, data_protocol="phantom",
+              metric_version="1;asd=union",
               selection="last", sam="", run_id=None, finished_at="2025-01-01T00:00:00+00:00",
               pseudo_label_dice=None, efficiency=None) -> str:
     """One finished run: per-case Dice per organ (one list entry per case), ASD = 10 (1 - Dice), HD95 = 3 ASD."""
@@ -47,7 +48,9 @@ def write_run(results: Path, *, dice: dict[str, list[float]], task="phantom_mri2
     table.loc["mean"] = table.mean()
     rows = table.reset_index()
     protocol = {"task": task, "method": method, "variant": variant, "seed": seed, "asd_unit": asd_unit,
-                "empty_policy": "diagonal", "selection": selection, "source_ckpt": source_ckpt or f"src{seed}",
+                "empty_policy": "diagonal", "selection": selection,
+                "source_weights": f"src{seed}" if source_weights is None else source_weights,
+                "source_config": f"cfg{seed}", "train_threads": 1,
                 "sfda": sfda, "sam": sam, "data_protocol": data_protocol, "n_cases": len(next(iter(dice.values()))),
                 "config_hash": run_id, "run_id": run_id, "metric_version": metric_version, "runtime_s": 1.0,
                 "finished_at": finished_at}
@@ -106,18 +109,22 @@ def test_aggregation_mean_std_n_and_ranks(board):
 
 
 def test_leaderboard_command_writes_csv_markdown_png(board, tmp_path):
-    out = run_cli("leaderboard", str(board), cwd=tmp_path)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    before = sorted(p.name for p in board.iterdir())
+    out = run_cli("leaderboard", str(board), cwd=cwd)
     assert out.returncode == 0, out.stderr[-2000:]
-    for ext in ("csv", "md", "png"):
-        assert (board / f"leaderboard_summary.{ext}").stat().st_size > 0
-    md = (board / "leaderboard_summary.md").read_text()
+    for ext in ("csv", "md", "png"):  # default output dir: the current directory ...
+        assert (cwd / f"leaderboard_summary.{ext}").stat().st_size > 0
+    assert sorted(p.name for p in board.iterdir()) == before  # ... never beside the input (committed files)
+    md = (cwd / "leaderboard_summary.md").read_text()
     assert md in out.stdout
     lines = [line for line in md.splitlines() if line.startswith("| ")]
     assert lines[0].startswith("| rank | method | variant | seeds | spleen | liver | Dice (mean) | gap closed | ASD (mm)")
     assert lines[2].startswith("| 1 | m2 | default | 2 | 0.950 ± 0.071 | 0.600 ± 0.141 | 0.775 ± 0.106")
     assert lines[3].startswith("| 2 | m1 | default | 3 | 0.600 ± 0.000 | 0.900 ± 0.100 | 0.750 ± 0.050")
     assert lines[4].startswith("| - | oracle (not SFDA) |")
-    csv = pd.read_csv(board / "leaderboard_summary.csv")
+    csv = pd.read_csv(cwd / "leaderboard_summary.csv")
     assert {"dice_mean", "dice_std", "dice_n", "asd_mean", "hd95_std", "rank_dice", "rank_asd", "rank_hd95",
             "sfda"} <= set(csv.columns)
     # --out elsewhere, several inputs (a run in both counts once)
@@ -143,26 +150,26 @@ def test_protocol_mismatch_is_refused_unless_allowed(board, tmp_path):
 
     out = run_cli("leaderboard", str(board), "--allow-mixed", "asd_unit", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    summary = pd.read_csv(board / "leaderboard_summary.csv")
+    summary = pd.read_csv(tmp_path / "leaderboard_summary.csv")
     assert set(summary.loc[summary.method == "m3", "asd_unit"]) == {"voxel"}
     # Ranked within its own unit: alone among voxel rows, m3 is first there; the mm ranking is unchanged.
     assert summary.query("method == 'm3' and organ == 'mean'").rank_asd.item() == 1
     assert summary.query("method == 'm2' and organ == 'mean'").rank_asd.item() == 1
-    assert "| asd_unit |" in (board / "leaderboard_summary.md").read_text()
+    assert "| asd_unit |" in (tmp_path / "leaderboard_summary.md").read_text()
 
 
-def test_source_checkpoint_must_match_per_task_and_seed(board):
+def test_source_weights_must_match_per_task_and_seed(board):
     rows = lb.load_rows([board])
-    lb.check_protocol(rows)  # source_ckpt differs between seeds: legitimate
-    write_run(board, method="m4", seed=1, source_ckpt="other", dice={"spleen": [0.5], "liver": [0.5]})
-    with pytest.raises(UsageError, match=r"source_ckpt differs within task phantom_mri2ct seed 1: 'src1' "
+    lb.check_protocol(rows)  # source_weights differs between seeds: legitimate
+    write_run(board, method="m4", seed=1, source_weights="other", dice={"spleen": [0.5], "liver": [0.5]})
+    with pytest.raises(UsageError, match=r"source_weights differs within task phantom_mri2ct seed 1: 'src1' "
                                          r"\(m1/default, m2/default, oracle/default\), 'other' \(m4/default\); "
-                                         r"pass --allow-mixed source_ckpt"):
+                                         r"pass --allow-mixed source_weights"):
         lb.summarize([board])
-    assert len(lb.summarize([board], ["source_ckpt"]).query("method == 'm4'")) == 3
+    assert len(lb.summarize([board], ["source_weights"]).query("method == 'm4'")) == 3
     # data_protocol is compared within a task only: another task may have another data protocol.
     write_run(board, task="mri2ct", method="m1", data_protocol="gt-z-crop", dice={"spleen": [0.5], "liver": [0.5]})
-    assert set(lb.summarize([board], ["source_ckpt"]).task) == {"phantom_mri2ct", "mri2ct"}
+    assert set(lb.summarize([board], ["source_weights"]).task) == {"phantom_mri2ct", "mri2ct"}
     with pytest.raises(UsageError, match="unknown column sam"):
         lb.parse_allow_mixed(["asd_unit,sam"])
 
@@ -214,7 +221,7 @@ def _writer(path, worker, runs):
     for r in range(runs):
         append_rows(path, pd.DataFrame({"task": "t", "method": f"w{worker}", "variant": "default", "seed": r,
                                         "organ": ["spleen", "liver", "mean"], "dice": [0.5, 0.6, 0.55],
-                                        "source_ckpt": f"s{r}", "run_id": f"w{worker}r{r}", "sfda": True}))
+                                        "source_weights": f"s{r}", "run_id": f"w{worker}r{r}", "sfda": True}))
 
 
 # ------------------------------------------------------------------------------------------ compare
@@ -351,7 +358,7 @@ def test_ablate_runs_the_grid_as_protocol_runs(tmp_path, shared_cache):
             f"results_dir={results}", f"cache_dir={shared_cache}", *TINY_PHANTOM]
     out = run_cli(*args, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    board = pd.read_csv(results / "leaderboard.csv")
+    board = read_rows(results / "leaderboard.csv")
     assert sorted(board.variant.unique()) == ["fa-only", "nofa-only"] and set(board.method) == {"dfg"}
     assert len(list((results / "runs").glob("*/done"))) == 2
     table = pd.read_csv(results / "ablations" / "phantom_mri2ct" / "ablation.csv")
@@ -392,7 +399,7 @@ def test_sweep_killed_with_sigkill_resumes_without_loss_or_double_count(tmp_path
     unfinished = [r for r in (results / "runs").iterdir() if not (r / "done").exists()]
     assert done and unfinished
     done_stamps = {r: (r / "done").stat().st_mtime_ns for r in done}
-    board = pd.read_csv(results / "leaderboard.csv")
+    board = read_rows(results / "leaderboard.csv")  # run ids as written (a hash may look numeric)
     assert set(board.run_id) >= {r.name.rsplit("__", 1)[-1] for r in done}
 
     # Relaunch the same sweep (with the joblib launcher, two runs at a time).
@@ -404,7 +411,7 @@ def test_sweep_killed_with_sigkill_resumes_without_loss_or_double_count(tmp_path
     assert len(runs) == 3 and all((r / "done").exists() for r in runs)
     assert {r: (r / "done").stat().st_mtime_ns for r in done} == done_stamps   # finished runs were not redone
     assert all((r / "done").exists() for r in unfinished)                      # the interrupted one was redone
-    board = pd.read_csv(results / "leaderboard.csv")
+    board = read_rows(results / "leaderboard.csv")
     assert len(board) == 3 * 5 and board.groupby("run_id").size().eq(5).all()   # nothing lost or counted twice
     assert sorted(board.seed.unique()) == [0, 1, 2]
     assert set(board.run_id) == {r.name.rsplit("__", 1)[-1] for r in runs}
@@ -430,7 +437,7 @@ def test_slurm_launcher_config_composes():
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.partition, launcher.gpus_per_node, launcher.cpus_per_task, launcher.mem_gb) == ("gpu", 1, 8, 32)
     assert launcher.timeout_min == 240 and launcher.max_num_timeout == 0
-    assert launcher.submitit_folder.startswith("sfdabench-results/hydra/multirun-")  # under results_dir
+    assert launcher.submitit_folder.startswith("sfdabench-results/")  # under results_dir
     assert cfg.hydra.runtime.choices["hydra/launcher"] == "sfdabench_slurm" and cfg.method.name == "dfg"
 
 
@@ -559,3 +566,112 @@ def test_compare_uses_the_seeds_both_sides_have(tmp_path):
     assert "- phantom_mri2ct m/default: seeds 0 (A) vs 0,1,2 (B); compared over seeds 0" in text
     assert "- phantom_mri2ct q/default: seeds 0 (A) vs 3 (B); no common seed: not compared" in text
     assert "| q |" not in text
+
+
+# ------------------------------------------------------------------- source weights, legacy rows, bad input
+
+
+def test_committed_reference_rows_reproduce_the_committed_summary(tmp_path):
+    """The migrated reference rows (legacy: no source weights) still aggregate, to the committed bytes; and
+    exporting them gives them back byte for byte."""
+    ref = REPO / "leaderboard"
+    inputs = [ref / "phantom_mri2ct.csv", ref / "phantom_ct2mri.csv"]
+    rows = lb.load_rows(inputs)
+    assert set(rows.source_weights) == {""} and rows.source_config.str.fullmatch("[0-9a-f]{12}").all()
+    assert lb.aggregate(rows).to_csv(index=False) == (ref / "leaderboard_summary.csv").read_text()
+    paths = lb.export_rows(rows, tmp_path)
+    for path in inputs:
+        assert paths[f"rows:{path.stem}"].read_bytes() == path.read_bytes()
+
+
+def test_legacy_rows_pair_by_source_config_and_never_match_recorded_weights(tmp_path):
+    legacy = tmp_path / "legacy.csv"   # as written before source_weights existed: source_ckpt, no weights
+    pd.DataFrame({"task": "t", "method": ["source_only"] * 2 + ["oracle"] * 2 + ["m"] * 2, "variant": "default",
+                  "seed": 0, "organ": ["liver", "mean"] * 3, "dice": [0.4, 0.4, 0.8, 0.8, 0.6, 0.6],
+                  "source_ckpt": "000123456789", "sfda": [True, True, False, False, True, True],
+                  "run_id": list("aabbcc")}).to_csv(legacy, index=False)
+    rows = lb.load_rows([legacy])
+    assert set(rows.source_config) == {"000123456789"} and set(rows.source_weights) == {""}
+    assert row(lb.summarize([legacy]), "m", "liver").gap_closed_mean == pytest.approx(0.5)
+    # Same config, but weights recorded: one config gave other weights under another thread count, so these
+    # rows are not provably from the same source model.
+    new = tmp_path / "new.csv"
+    append_rows(new, pd.DataFrame({"task": "t", "method": "m2", "variant": "default", "seed": 0,
+                                   "organ": ["liver", "mean"], "dice": 0.7, "source_weights": "5549378735e3",
+                                   "source_config": "000123456789", "run_id": "d"}))
+    with pytest.raises(UsageError, match=r"source_weights differs within task t seed 0: 'config:000123456789' "
+                                         r"\(source_only/default, oracle/default, m/default\), '5549378735e3' "
+                                         r"\(m2/default\); pass --allow-mixed source_weights"):
+        lb.summarize([legacy, new])
+
+
+def test_gap_closed_pairs_references_by_source_weights(tmp_path):
+    res = tmp_path / "res"
+    write_run(res, method="source_only", dice={"liver": [0.4]})
+    write_run(res, method="oracle", sfda=False, dice={"liver": [0.8]})
+    write_run(res, method="m", dice={"liver": [0.6]})
+    write_run(res, method="q", source_weights="other", dice={"liver": [0.6]})   # same seed, other weights
+    summary = lb.summarize([res], ["source_weights"])
+    assert row(summary, "m", "liver").gap_closed_mean == pytest.approx(0.5)
+    assert pd.isna(row(summary, "q", "liver").gap_closed_mean)
+    assert row(summary, "q", "liver").gap_reason == ("no source_only and no oracle run for this task, seed and "
+                                                      "source checkpoint")
+
+
+def test_compare_says_when_source_weights_differ(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_run(a, method="m", dice={"liver": [0.8, 0.7]})                          # weights src0
+    write_run(b, method="m", source_weights="f00d", dice={"liver": [0.8, 0.7]})
+    out = run_cli("compare", str(a), str(b), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    said = "phantom_mri2ct seed 0: A and B used different source weights (src0 (A) vs f00d (B))"
+    assert f"- {said}" in out.stdout and said in out.stderr
+    # the same weights: nothing said; a side that did not record its weights: it cannot be checked
+    write_run(b, method="m", dice={"liver": [0.8, 0.7]})                          # same run id: replaced
+    assert compare.source_differences(compare.load_side("A", a), compare.load_side("B", b)) == []
+    write_run(a, method="m", source_weights="", dice={"liver": [0.8, 0.7]})
+    (line,) = compare.source_differences(compare.load_side("A", a), compare.load_side("B", b))
+    assert line.startswith("phantom_mri2ct seed 0: source weights not recorded in A") and "unknown" in line
+
+
+def _error_case(kind: str, tmp: Path) -> list[str]:
+    if kind == "leaderboard-empty":
+        (tmp / "empty.csv").write_text("")
+        return ["leaderboard", str(tmp / "empty.csv")]
+    if kind == "leaderboard-header-only":
+        (tmp / "empty.csv").write_text("task,method,variant,seed,organ,dice\n")
+        return ["leaderboard", str(tmp / "empty.csv")]
+    write_run(tmp / "b", method="m", dice={"liver": [0.8, 0.7]})
+    if kind == "compare-cols-missing":
+        pd.DataFrame({"task": ["phantom_mri2ct"], "dice": [0.5]}).to_csv(tmp / "cols-missing.csv", index=False)
+        return ["compare", str(tmp / "cols-missing.csv"), str(tmp / "b")]
+    write_run(tmp / "a", task="phantom_ct2mri", method="m", dice={"liver": [0.8, 0.7]})
+    return ["compare", str(tmp / "a"), str(tmp / "b")]
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("leaderboard-empty", "has no rows (the file is empty or a header only); pass a leaderboard with rows"),
+    ("leaderboard-header-only", "has no rows (the file is empty or a header only); pass a leaderboard with rows"),
+    ("compare-cols-missing", "lacks the column(s) method, organ that leaderboard rows need; pass a leaderboard CSV"),
+    ("compare-no-aligned-row", "aligns with B (" ),
+])
+def test_bad_leaderboard_input_is_one_line(tmp_path, kind, message):
+    work = tmp_path / "work"
+    work.mkdir()
+    out = run_cli(*_error_case(kind, tmp_path), cwd=work)
+    assert out.returncode == 2, (out.stdout[-1000:], out.stderr[-2000:])
+    assert "Traceback" not in out.stderr and out.stdout == ""
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("sfdabench: error: ")]
+    assert len(errors) == 1 and out.stderr.rstrip().endswith(errors[0]) and message in errors[0]
+    assert list(work.iterdir()) == []                                    # nothing written
+    if kind == "compare-no-aligned-row":
+        assert "tasks: phantom_ct2mri in A, phantom_mri2ct in B" in errors[0]
+
+
+def test_compare_without_a_common_seed_is_an_error(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_run(a, method="m", seed=0, dice={"liver": [0.8, 0.7]})
+    write_run(b, method="m", seed=1, dice={"liver": [0.8, 0.7]})
+    assert main(["compare", str(a), str(b)]) == 2
+    with pytest.raises(UsageError, match="groups on both sides have no seed in common"):
+        compare.cmd_compare([str(a), str(b)])
