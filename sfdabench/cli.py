@@ -3,18 +3,22 @@
 report.py).
 
 ``sfdabench run method=<m> task=<t> seed=<n> [overrides]`` composes ``configs/run.yaml`` with the
-config groups of every plugin (Hydra search path) and runs one protocol run per job; ``-m`` gives a
-Hydra multirun sweep. Names are checked against the registry before Hydra starts, so a typo gives one
-line and exit code 2 instead of a traceback.
+config groups of every plugin and the user's config folders (Hydra search path) and runs one protocol run
+per job; ``-m`` gives a Hydra multirun sweep. Names, keys and values of every job are checked before Hydra
+starts (sfdabench/config.py), so a mistake gives one line and exit code 2 instead of a traceback; Ctrl-C
+gives one line and exit code 130.
 """
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from typing import Sequence
 
 from sfdabench.api import SfdaBenchError, UsageError
+# Composition, validation and the Hydra entry live in sfdabench.config (prepare and ablate use them too,
+# without importing this module). Re-exported for existing callers; launchers pickle ``_job`` by its
+# qualified name, sfdabench.config._job.
+from sfdabench.config import _job, hydra_searchpath_override, setup_logging, validate_overrides  # noqa: F401
 
 log = logging.getLogger("sfdabench")
 
@@ -22,7 +26,8 @@ USAGE = """usage: sfdabench <command> [args]
 
 commands:
   run [overrides]        run one method on one task (Hydra: method=<m> task=<t> seed=<n> device=auto|cpu|cuda)
-                         add -m for a multirun sweep, e.g. sfdabench run -m method=source_only,oracle seed=0,1,2
+                         add -m for a multirun sweep, e.g. sfdabench run -m method=source_only,oracle seed=0,1,2;
+                         --cfg job prints the config, --config-dir DIR adds your own tasks (DIR/task/<t>.yaml)
   list [KIND]            list plugins: methods | tasks | datasets | metrics | sam (default: all)
   prepare task=<t> [data.<dataset>.root=<dir>]
                          preprocess a task's real data into the cache (run does it too when needed)
@@ -35,19 +40,23 @@ commands:
                          run the DFG ablation grid (Hydra multirun) and write the ablation table
   report RUN_DIR [--out DIR] [--max-cases N]
                          an HTML page of one run: metrics, overlays, pseudo-label quality, box search, timings
+  source export|import ...
+                         share a source checkpoint so two people compare methods on the very same weights
+
+sfdabench <command> --help: the usage of one command. A mistake stops with one line (exit code 2).
 """
 
 LIST_KINDS = {"methods": "methods", "tasks": "tasks", "datasets": "datasets", "metrics": "metrics", "sam": "sam"}
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    root = logging.getLogger()
-    if not any(getattr(h, "_sfdabench", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s %(levelname)s] %(message)s", "%H:%M:%S"))
-        handler._sfdabench = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
-    root.setLevel(level)
+#: What an interrupted command leaves behind, for the one line printed on Ctrl-C.
+INTERRUPTED = {
+    "run": "the unfinished run's folder was removed; finished runs and cached source models are kept: "
+           "run the same command again to resume",
+    "ablate": "the unfinished run's folder was removed; finished runs and cached source models are kept: "
+              "run the same command again to resume",
+    "prepare": "cases prepared so far stay cached: run the same command again to finish",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if argv else 2
     command, args = argv[0], argv[1:]
     commands = {"run": cmd_run, "list": cmd_list, "prepare": _cmd_prepare, "leaderboard": _cmd_leaderboard,
-                "compare": _cmd_compare, "ablate": _cmd_ablate, "report": _cmd_report}
+                "compare": _cmd_compare, "ablate": _cmd_ablate, "report": _cmd_report, "source": _cmd_source}
     if command not in commands:
         print(f"sfdabench: unknown command '{command}'; available: {', '.join(commands)}", file=sys.stderr)
         return 2
@@ -67,6 +76,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SfdaBenchError as exc:
         print(f"sfdabench: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        # 130 = 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C.
+        print(f"sfdabench: error: interrupted (Ctrl-C); {INTERRUPTED.get(command, 'nothing was left half-written')}",
+              file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`sfdabench run --cfg job | head`): not an error. Point stdout at devnull so
+        # that flushing it at exit does not raise again (Python docs, "Note on SIGPIPE").
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _cmd_prepare(args: Sequence[str]) -> int:
@@ -94,6 +115,12 @@ def _cmd_report(args: Sequence[str]) -> int:
     return cmd_report(list(args))
 
 
+def _cmd_source(args: Sequence[str]) -> int:
+    from sfdabench.source_model import cmd_source
+
+    return cmd_source(list(args))
+
+
 def _cmd_ablate(args: Sequence[str]) -> int:
     from sfdabench.ablate import cmd_ablate
 
@@ -106,6 +133,9 @@ def _cmd_ablate(args: Sequence[str]) -> int:
 def cmd_list(args: Sequence[str]) -> int:
     from sfdabench.plugins import get_registry
 
+    if any(a in ("-h", "--help") for a in args):
+        print(LIST_HELP)
+        return 0
     registry = get_registry()
     kinds = list(args) or list(LIST_KINDS)
     for kind in kinds:
@@ -130,72 +160,36 @@ def cmd_list(args: Sequence[str]) -> int:
 
 # -------------------------------------------------------------------------------------------- run
 
-_GROUP_OVERRIDE = re.compile(r"^(?P<group>method|task|sam)=(?P<value>[^()]*)$")
+RUN_HELP = """usage: sfdabench run [-m] [--cfg job|hydra|all [--resolve]] [--config-dir DIR] [key=value ...]
 
+Run one method on one task under the matched protocol; every setting is a Hydra override, e.g.
+  sfdabench run method=dfg task=phantom_mri2ct seed=0 device=cpu
+  sfdabench run method=source_only,oracle seed=0,1,2 -m      # multirun: every combination is one run
+Names: sfdabench list. The settings of a method: sfdabench run method=<m> --cfg job.
 
-def validate_overrides(args: Sequence[str]) -> None:
-    """Check ``method=``, ``task=`` and ``sam=`` values (also comma sweeps) against what is registered."""
-    from sfdabench.plugins import get_registry
+options (anywhere on the line):
+  -m, --multirun        sweep the comma-separated values (launchers: hydra/launcher=joblib|sfdabench_slurm)
+  --cfg job|hydra|all   print the composed config instead of running (--resolve: resolve interpolations)
+  --config-dir DIR      add DIR to the config search path: DIR/task/mytask.yaml makes task=mytask a task
+                        (the same: hydra.searchpath=[file:///abs/DIR] or SFDABENCH_CONFIG_PATH=DIR1:DIR2)
+  --info [searchpath|defaults|config|...]   how Hydra composed the config
+  --hydra-help          Hydra's own help
+  -h, --help            this help
 
-    registry = get_registry()
-    for arg in args:
-        m = _GROUP_OVERRIDE.match(arg)
-        if not m:
-            continue
-        group = m["group"]
-        configs = registry.config_options(group)
-        for value in filter(None, (v.strip() for v in m["value"].split(","))):
-            if group == "task":
-                available = list(configs)
-            else:
-                kind = {"method": "methods", "sam": "sam"}[group]
-                available = [n for n in registry.names(kind) if n in configs]
-                if value in registry.names(kind) and value not in configs:
-                    raise UsageError(f"{group} '{value}' is registered but has no config file {group}/{value}.yaml "
-                                     f"on the config search path; its plugin must ship one")
-            if value not in available:
-                raise UsageError(f"unknown {group} '{value}'; available: {', '.join(available) or '(none)'}")
+Every setting is checked before anything runs; a mistake stops with one line and exit code 2."""
 
+LIST_HELP = """usage: sfdabench list [methods|tasks|datasets|metrics|sam ...]
 
-def hydra_searchpath_override(args: Sequence[str]) -> list[str]:
-    """Plugin config groups enter Hydra's search path through a ``hydra.searchpath`` override."""
-    from sfdabench.plugins import get_registry
-
-    paths = [p for _, p in get_registry().config_searchpath()]
-    user = [a for a in args if a.startswith("hydra.searchpath=")]
-    if user:
-        extra = user[0].split("=", 1)[1].strip("[]")
-        paths += [p.strip() for p in extra.split(",") if p.strip()]
-    return [a for a in args if not a.startswith("hydra.searchpath=")] + [f"hydra.searchpath=[{','.join(paths)}]"]
+List the registered plugins of each kind (default: all) with the package that provides them;
+methods that read target labels are flagged "not SFDA"."""
 
 
 def cmd_run(args: Sequence[str]) -> int:
-    validate_overrides(args)
-    hydra_args = hydra_searchpath_override(args)
-    saved = sys.argv
-    sys.argv = ["sfdabench run", *hydra_args]
-    try:
-        _hydra_run()
-    finally:
-        sys.argv = saved
-    return 0
+    from sfdabench.config import run
+
+    if any(a in ("-h", "--help") for a in args):
+        print(RUN_HELP)
+        return 0
+    return run(args)
 
 
-def _job(cfg) -> None:
-    """One Hydra job = one protocol run. User errors end the process with one line and their exit code."""
-    from sfdabench.protocol import execute, format_table
-
-    setup_logging()
-    try:
-        summary = execute(cfg)
-    except SfdaBenchError as exc:
-        print(f"sfdabench: error: {exc}", file=sys.stderr)
-        raise SystemExit(exc.exit_code) from None
-    print(format_table(summary))
-    print(f"run folder: {summary['run_dir']}")
-
-
-def _hydra_run() -> None:
-    import hydra
-
-    hydra.main(version_base=None, config_path="pkg://sfdabench_configs", config_name="run")(_job)()

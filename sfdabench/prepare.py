@@ -10,37 +10,27 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Sequence
 
 from sfdabench.api import UsageError
+# Shared with run and ablate (and imported from here by older callers).
+from sfdabench.config import compose_run_config  # noqa: F401
 
+HELP = """usage: sfdabench prepare task=<t> [data.<dataset>.root=<dir>] [--config-dir DIR] [overrides]
 
-def compose_run_config(args: Sequence[str]) -> Any:
-    """The composed ``run`` config for these overrides, via Hydra's compose API (no job, no output dir)."""
-    from hydra import compose, initialize_config_module
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from sfdabench.cli import hydra_searchpath_override, validate_overrides
-
-    if any(a in ("-m", "--multirun") for a in args):
-        raise UsageError("prepare takes no -m: list one task (it prepares every split of both domains)")
-    validate_overrides(args)
-    try:
-        with initialize_config_module("sfdabench_configs", version_base=None):
-            cfg = compose("run", overrides=hydra_searchpath_override(args))
-        # resolve now, so that a bad interpolation is a usage error and not a traceback later
-        from omegaconf import OmegaConf
-
-        OmegaConf.resolve(cfg)
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise UsageError(" ".join(str(exc).split())) from None
-    return cfg
+Preprocess the real data of a task (both domains, train and test splits) into <cache_dir>/prepared/, with
+timings. Optional: sfdabench run prepares missing cases by itself. The phantom tasks have nothing to prepare.
+  sfdabench prepare task=mri2ct data.chaos.root=/data/CHAOS data.btcv.root=/data/BTCV
+An interrupted prepare keeps the cases it finished; running it again continues."""
 
 
 def cmd_prepare(args: list[str]) -> int:
     from sfdabench.plugins import get_registry
 
+    if any(a in ("-h", "--help") for a in args):
+        print(HELP)
+        return 0
+    if any(a in ("-m", "--multirun") for a in args):
+        raise UsageError("prepare takes no -m: list one task (it prepares every split of both domains)")
     cfg = compose_run_config(args)
     registry = get_registry()
     task = cfg.task

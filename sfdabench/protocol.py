@@ -4,11 +4,9 @@ record. The harness names no method: it looks everything up in the plugin regist
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
-import os
-import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,14 +15,12 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
-from sfdabench import results
-from sfdabench.api import Case, Context, Method, SfdaBenchError, TargetImages, SliceDataset, _plain
+from sfdabench import results, source_model
+from sfdabench.determinism import seed_everything, use_deterministic_kernels
+from sfdabench.api import Case, Context, Method, SfdaBenchError, TargetImages, _plain
 from sfdabench.evaluation import dice_per_organ, evaluate
-from sfdabench.nets import build_segmenter
 from sfdabench.plugins import Registry, get_registry
-from sfdabench.training import train_supervised
 
 log = logging.getLogger("sfdabench")
 
@@ -40,16 +36,6 @@ def resolve_device(name: str) -> torch.device:
     if name != "cpu" and not name.startswith("cuda"):
         raise SfdaBenchError(f"unknown device '{name}'; use device=auto, cpu or cuda[:N]")
     return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def stable_hash(obj: Any, n: int = 12) -> str:
-    return hashlib.sha1(json.dumps(_plain(obj), sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
 # ------------------------------------------------------------------------------------------- task
@@ -92,56 +78,6 @@ def load_task(task_cfg: Mapping[str, Any], registry: Registry, cache_dir: Path) 
                 domains["target"])
 
 
-# ---------------------------------------------------------------------------------- source model
-
-
-@dataclass
-class SourceCheckpoint:
-    model: nn.Module
-    key: str
-    path: Path
-    meta: dict[str, Any]
-
-
-def source_checkpoint(task: Task, source_cfg: Mapping[str, Any], seed: int, device: torch.device,
-                      cache_dir: Path, metrics: Mapping[str, Any], progress) -> SourceCheckpoint:
-    """The source model every method of (task, seed) starts from: trained once, cached by a hash of
-    (task, organs, source data, seed, architecture and hyper-parameters). Concurrent runs wait on a lock
-    instead of training the same model twice."""
-    adapter = task.source.dataset
-    data_fp = adapter.fingerprint(adapter.case_ids("train"))
-    key = stable_hash({"task": task.name, "organs": task.organs, "data": data_fp, "seed": seed,
-                       "source": _plain(source_cfg)})
-    path = Path(cache_dir) / "source" / f"{task.name}-seed{seed}-{key}.pt"
-    with results.locked(path):
-        if path.exists():
-            blob = torch.load(path, map_location="cpu", weights_only=False)
-            model = build_segmenter(source_cfg, task.num_classes)
-            model.load_state_dict(blob["state_dict"])
-            log.info("source model: cached %s", path)
-            return SourceCheckpoint(model, key, path, blob["meta"])
-        log.info("source model: training %s (cache key %s)", source_cfg.get("arch", "unet"), key)
-        seed_everything(seed)
-        model = build_segmenter(source_cfg, task.num_classes)
-        start = time.perf_counter()
-        losses = train_supervised(model, SliceDataset(task.source.splits["train"], labels=True), source_cfg,
-                                  device=device, generator=torch.Generator().manual_seed(seed),
-                                  progress=progress, desc="source training")
-        train_s = time.perf_counter() - start
-        # In-domain quality on the *source* test split: reported, never used to pick a checkpoint.
-        _, in_domain = evaluate(model, task.source.splits["test"], task.organs, {"dice": metrics["dice"]},
-                                device=device, progress=progress)
-        meta = {"key": key, "task": task.name, "seed": seed, "selection": "last", "train_seconds": train_s,
-                "final_loss": losses[-1] if losses else None,
-                "in_domain_dice": {k: float(v) for k, v in in_domain["dice"].items()}}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "meta": meta}, tmp)
-        os.replace(tmp, path)
-        log.info("source model: in-domain mean Dice %.4f, saved %s", meta["in_domain_dice"]["mean"], path)
-        return SourceCheckpoint(model.cpu(), key, path, meta)
-
-
 # ------------------------------------------------------------------------------------------- run
 
 
@@ -155,14 +91,33 @@ def run_name(task: str, method: str, variant: str, seed: int, run_id: str) -> st
 
 
 def execute(cfg: Mapping[str, Any], registry: Registry | None = None) -> dict[str, Any]:
-    """Run one (task, method, seed) under the protocol; returns the run summary."""
-    t_start = time.perf_counter()
+    """Run one (task, method, seed) under the protocol; returns the run summary.
+
+    The whole config is validated first (sfdabench.config.validate_config). A run that fails or is
+    interrupted (Ctrl-C) leaves no run folder behind: relaunching redoes it anyway, and a half-written folder
+    would only mislead readers. Finished runs, cached source models and SAM embeddings are kept."""
+    from sfdabench.config import validate_config
+
     registry = registry or get_registry()
+    validate_config(cfg, registry)
+    run_dirs: list[Path] = []
+    try:
+        return _execute(cfg, registry, run_dirs)
+    except BaseException:
+        for run_dir in run_dirs:
+            if run_dir.is_dir() and not (run_dir / "done").exists():
+                shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _execute(cfg: Mapping[str, Any], registry: Registry, run_dirs: list[Path]) -> dict[str, Any]:
+    t_start = time.perf_counter()
     plain = _plain(cfg)
     seed = int(cfg["seed"])
     device = resolve_device(str(cfg["device"]))
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg["num_threads"]))
+    use_deterministic_kernels(bool(cfg.get("deterministic", True)))
     results_dir, cache_dir = Path(cfg["results_dir"]), Path(cfg["cache_dir"])
 
     method_cls: type[Method] = registry.get("methods", cfg["method"]["name"])
@@ -173,6 +128,10 @@ def execute(cfg: Mapping[str, Any], registry: Registry | None = None) -> dict[st
     if (run_dir / "done").exists() and not cfg.get("force", False):
         log.info("run %s is already done (force=true to run it again): %s", run_id, run_dir)
         return json.loads((run_dir / "summary.json").read_text())
+    run_dirs.append(run_dir)  # removed by execute() unless the run finishes
+    # SAM before anything is trained: a missing, corrupt or wrong-architecture checkpoint must not cost a
+    # source training and feature aggregation first. Built once and handed to the method.
+    sam = _build_sam(cfg["sam"], registry, device, cache_dir) if method.uses_sam else None
     # Data and metrics first: a missing dataset or a bad metric setting stops before a run folder exists.
     metrics = build_metrics(cfg["metrics"], registry)
     timings: dict[str, float] = {}
@@ -193,14 +152,15 @@ def execute(cfg: Mapping[str, Any], registry: Registry | None = None) -> dict[st
         return tqdm(iterable, disable=not progress_enabled, leave=False, dynamic_ncols=True, **kw)
 
     t0 = time.perf_counter()
-    source = source_checkpoint(task, cfg["source"], seed, device, cache_dir, metrics, progress)
+    source = source_model.train_or_load(task, cfg["source"], seed, device, cache_dir, metrics, progress)
     timings["source_model"] = time.perf_counter() - t0
 
     target_train = task.target.splits["train"]
     labelled = all(c.label is not None for c in target_train)
     context = Context(
         device=device, seed=seed, cache_dir=cache_dir, run_dir=run_dir, organs=task.organs,
-        sam_factory=lambda: _build_sam(cfg["sam"], registry, device, cache_dir),
+        sam_factory=(lambda: sam) if sam is not None else lambda: _build_sam(cfg["sam"], registry, device,
+                                                                             cache_dir),
         label_oracle=lambda: [c.label for c in target_train],
         # Diagnostics need target-train labels; a target without them (unlabelled data) just has none.
         pseudo_label_scorer=(lambda vols: dice_per_organ(vols, [c.label for c in target_train], task.organs))
@@ -225,7 +185,8 @@ def execute(cfg: Mapping[str, Any], registry: Registry | None = None) -> dict[st
         "task": task.name, "method": method_cls.name, "variant": variant, "seed": seed,
         "asd_unit": metrics["asd"].unit if "asd" in metrics else "",
         "empty_policy": empty_policy_tag(cfg["metrics"]), "selection": method_cls.selection,
-        "source_ckpt": source.key, "sfda": not method_cls.uses_target_labels,
+        "source_weights": source.weights, "source_config": source.key,
+        "train_threads": source.meta.get("train_threads", ""), "sfda": not method_cls.uses_target_labels,
         "sam": _sam_tag(cfg["sam"]) if method.uses_sam else "",
         "data_protocol": task.data_protocol, "n_cases": len(task.target.splits["test"]),
         "config_hash": run_id, "run_id": run_id, "git_rev": results.git_revision(),
@@ -239,7 +200,7 @@ def execute(cfg: Mapping[str, Any], registry: Registry | None = None) -> dict[st
                                  {c.case_id: p for c, p in zip(task.target.splits["test"], predictions)})
     summary = {
         **protocol, "runtime_s": runtime, "finished_at": results.now_iso(),
-        "source": {"checkpoint": str(source.path), **source.meta},
+        "source": {"checkpoint": str(source.path), "weights": source.weights, **source.meta},
         "metrics": {organ: {k: _nan_to_none(v) for k, v in row.items()} for organ, row in table.iterrows()},
         "timings": {**timings, **{f"adapt/{k}": v for k, v in context.timings.items()}},
         "diagnostics": context.diagnostics, "run_dir": str(run_dir),
@@ -289,6 +250,6 @@ def format_table(summary: Mapping[str, Any]) -> str:
     cols = [c for c in ("dice", "asd", "hd95") if c in table.columns]
     table = table[cols].astype(float)
     head = (f"{summary['task']} | {summary['method']} ({summary['variant']}) | seed {summary['seed']} | "
-            f"ASD/HD95 in {summary['asd_unit']} | source ckpt {summary['source_ckpt']} | "
+            f"ASD/HD95 in {summary['asd_unit']} | source weights {summary['source_weights']} | "
             f"selection {summary['selection']}" + ("" if summary["sfda"] else " | NOT SFDA (uses target labels)"))
     return head + "\n" + table.to_string(float_format=lambda v: f"{v:.4f}")

@@ -38,7 +38,7 @@ def test_bad_names_exit_2_with_one_line(tmp_path, args, expected):
 
 def test_bad_device_is_one_line(tmp_path):
     out = run_cli("run", "device=tpu", *TINY_PHANTOM[:1], cwd=tmp_path)
-    assert out.returncode == 1
+    assert out.returncode == 2  # a usage error, found before Hydra starts
     assert "unknown device 'tpu'" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -57,15 +57,15 @@ def test_tiny_phantom_run_end_to_end(tmp_path):
     assert list(board["organ"]) == ["spleen", "right_kidney", "left_kidney", "liver", "mean"]
     assert (board["asd_unit"] == "mm").all() and (board["selection"] == "last").all() and board["sfda"].all()
     assert board["dice"].between(0, 1).all()
-    # Nothing written into the working directory (Hydra's outputs/ go under results_dir).
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]
+    # Nothing written into the working directory, and Hydra writes no folder of its own under results_dir.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["res"] and not (results / "hydra").exists()
 
     # A second method reuses the same cached source checkpoint; the oracle is marked as not SFDA.
     out = run_cli("run", "method=oracle", f"results_dir={results}", *TINY_PHANTOM, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "NOT SFDA" in out.stdout
     board = pd.read_csv(results / "leaderboard.csv")
-    assert board.groupby("method")["source_ckpt"].first().nunique() == 1
+    assert board.groupby("method")["source_weights"].first().nunique() == 1
     assert not board.loc[board.method == "oracle", "sfda"].any()
     assert "source model: cached" in out.stderr
 
@@ -77,9 +77,9 @@ def test_tiny_phantom_run_end_to_end(tmp_path):
 
 def test_multirun_sweep(tmp_path):
     results = tmp_path / "res"
-    out = run_cli("run", "-m", "method=source_only", "seed=0,1", f"results_dir={results}", *TINY_PHANTOM,
-                  cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_cli("run", "method=source_only", "seed=0,1", f"results_dir={results}", *TINY_PHANTOM, "-m",
+                  cwd=tmp_path)  # Hydra's flags may follow the overrides
+    assert out.returncode == 0 and len(list(results.glob("sweeps/*/multirun.yaml"))) == 1, out.stderr[-3000:]
     board = pd.read_csv(results / "leaderboard.csv")
     assert sorted(board["seed"].unique()) == [0, 1]
-    assert board["source_ckpt"].nunique() == 2  # one source model per seed
+    assert board["source_weights"].nunique() == 2  # one source model per seed

@@ -30,7 +30,7 @@ def test_real_mini_run_source_only_and_dfg(sample_data, tmp_path):
         assert "ASD/HD95 in mm" in out.stdout
     board = pd.read_csv(results / "leaderboard.csv")
     assert set(board.method) == {"source_only", "dfg"} and (board.asd_unit == "mm").all()
-    assert board.source_ckpt.nunique() == 1                       # both started from the same checkpoint
+    assert board.source_weights.nunique() == 1                       # both started from the same checkpoint
     assert board.data_protocol.str.contains("demo only").all() and board.data_protocol.str.contains("z step 4").all()
     assert set(board.organ) == {"spleen", "right_kidney", "left_kidney", "liver", "mean"}
     (dfg_run,) = (results / "runs").glob("*__dfg__*")

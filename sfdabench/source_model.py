@@ -1,0 +1,243 @@
+"""The source model every method of a (task, seed) starts from: trained once, cached, named by content.
+
+Two names, two facts:
+- ``source_config`` (:func:`config_key`): a hash of (task, organs, source data fingerprint, seed, source
+  recipe). It names the cache entry, i.e. the *recipe*; two machines (or thread counts) may make different
+  weights from one recipe.
+- ``source_weights`` (:func:`weights_hash`): SHA-256 of the checkpoint file. It names the *weights*, and it
+  is what the matched protocol compares: every method of a (task, seed) must report the same value.
+
+The checkpoint file holds only what the weights determine (state dict and a meta dict of recipe facts), so
+identical weights give an identical file and hash; wall-clock facts (``train_seconds``) live in a JSON sidecar.
+``sfdabench source export/import`` move a checkpoint between machines byte for byte (see :func:`cmd_source`).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from sfdabench import atomic, results
+from sfdabench.api import SfdaBenchError, SliceDataset, UsageError, _plain
+from sfdabench.determinism import seed_everything
+from sfdabench.nets import build_segmenter
+
+log = logging.getLogger("sfdabench")
+
+#: Hex digits of the SHA-256 kept in rows (64 bits: collisions are not a practical concern).
+WEIGHTS_HASH_CHARS = 16
+
+
+@dataclass
+class SourceCheckpoint:
+    model: nn.Module
+    key: str                  # source_config: the recipe's cache key
+    weights: str              # source_weights: SHA-256 prefix of the checkpoint file
+    path: Path
+    meta: dict[str, Any]      # recipe facts stored in the file + the sidecar's wall-clock facts
+
+
+def stable_hash(obj: Any, n: int = 12) -> str:
+    return hashlib.sha1(json.dumps(_plain(obj), sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def config_key(task, source_cfg: Mapping[str, Any], seed: int) -> str:
+    adapter = task.source.dataset
+    data_fp = adapter.fingerprint(adapter.case_ids("train"))
+    return stable_hash({"task": task.name, "organs": task.organs, "data": data_fp, "seed": seed,
+                        "source": _plain(source_cfg)})
+
+
+def cache_path(task, source_cfg: Mapping[str, Any], seed: int, cache_dir: Path) -> Path:
+    return Path(cache_dir) / "source" / f"{task.name}-seed{seed}-{config_key(task, source_cfg, seed)}.pt"
+
+
+def weights_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:WEIGHTS_HASH_CHARS]
+
+
+def sidecar(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def _read_blob(path: Path) -> dict[str, Any]:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to replace
+        raise SfdaBenchError(f"source checkpoint {path} is not a readable torch file ({type(exc).__name__}); "
+                             f"delete it to retrain, or import a good one with `sfdabench source import`") from None
+    if not isinstance(blob, dict) or "state_dict" not in blob or "meta" not in blob:
+        raise SfdaBenchError(f"{path} is not an sfdabench source checkpoint (no state_dict/meta); "
+                             f"export one with `sfdabench source export`")
+    return blob
+
+
+def load(path: Path, source_cfg: Mapping[str, Any], num_classes: int) -> SourceCheckpoint:
+    blob = _read_blob(path)
+    model = build_segmenter(source_cfg, num_classes)
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise SfdaBenchError(f"source checkpoint {path} does not fit the source architecture of this config "
+                             f"({first}); use the source settings it was trained with") from None
+    meta = dict(blob["meta"])
+    side = sidecar(path)
+    if side.is_file():
+        meta.update(json.loads(side.read_text()))
+    return SourceCheckpoint(model, str(blob["meta"].get("key", "")), weights_hash(path), path, meta)
+
+
+def train_or_load(task, source_cfg: Mapping[str, Any], seed: int, device: torch.device, cache_dir: Path,
+                  metrics: Mapping[str, Any], progress) -> SourceCheckpoint:
+    """The cached source model of (task, seed), trained now if the cache has none. Concurrent runs wait on a
+    lock instead of training the same model twice."""
+    from sfdabench.evaluation import evaluate
+    from sfdabench.training import train_supervised
+
+    key = config_key(task, source_cfg, seed)
+    path = Path(cache_dir) / "source" / f"{task.name}-seed{seed}-{key}.pt"
+    with results.locked(path):
+        if path.exists():
+            ckpt = load(path, source_cfg, task.num_classes)
+            log.info("source model: cached %s (weights %s)", path, ckpt.weights)
+            return ckpt
+        log.info("source model: training %s (cache key %s)", source_cfg.get("arch", "unet"), key)
+        seed_everything(seed)
+        model = build_segmenter(source_cfg, task.num_classes)
+        start = time.perf_counter()
+        losses = train_supervised(model, SliceDataset(task.source.splits["train"], labels=True), source_cfg,
+                                  device=device, generator=torch.Generator().manual_seed(seed),
+                                  progress=progress, desc="source training")
+        train_s = time.perf_counter() - start
+        # In-domain quality on the *source* test split: reported, never used to pick a checkpoint.
+        _, in_domain = evaluate(model, task.source.splits["test"], task.organs, {"dice": metrics["dice"]},
+                                device=device, progress=progress)
+        meta = {"key": key, "task": task.name, "seed": seed, "selection": "last",
+                "train_threads": torch.get_num_threads(), "device": str(device), "torch": torch.__version__,
+                "final_loss": losses[-1] if losses else None,
+                "in_domain_dice": {k: float(v) for k, v in in_domain["dice"].items()}}
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        atomic.write_bytes(path, lambda fh: torch.save({"state_dict": state, "meta": meta}, fh))
+        results.write_json(sidecar(path), {"train_seconds": train_s, "trained_at": results.now_iso()})
+        ckpt = SourceCheckpoint(model.cpu(), key, weights_hash(path), path, {**meta, "train_seconds": train_s})
+        log.info("source model: in-domain mean Dice %.4f, weights %s, saved %s",
+                 meta["in_domain_dice"]["mean"], ckpt.weights, path)
+        return ckpt
+
+
+# ------------------------------------------------------------------------------- export / import
+
+
+USAGE = """usage: sfdabench source {show,export,import} [overrides]
+
+  show   [overrides]              where the cached source model of a config is, its weights hash and meta
+  export DEST [overrides]         copy it (byte for byte: same weights hash) to DEST (a file or folder)
+  import FILE [overrides] [--force]
+                                  install FILE as the source model of this config's (task, seed), so a run
+                                  here starts from the very same weights as the machine that exported it
+
+overrides pick the task, seed and source recipe as for `sfdabench run`, e.g. task=phantom_ct2mri seed=1."""
+
+
+def _resolve(overrides: Sequence[str]):
+    """(composed config, loaded task, cache path) of the overrides."""
+    from sfdabench.config import compose_run_config
+    from sfdabench.plugins import get_registry
+    from sfdabench.protocol import load_task
+
+    cfg = compose_run_config(list(overrides))
+    task = load_task(cfg["task"], get_registry(), Path(cfg["cache_dir"]))
+    seed = int(cfg["seed"])
+    return cfg, task, cache_path(task, cfg["source"], seed, Path(cfg["cache_dir"]))
+
+
+def cmd_source(args: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="sfdabench source", usage=USAGE, add_help=False)
+    parser.add_argument("action", nargs="?")
+    parser.add_argument("-h", "--help", action="store_true")
+    parser.add_argument("--force", action="store_true")
+    ns, rest = parser.parse_known_args(list(args))
+    if ns.help or ns.action is None:
+        print(USAGE)
+        return 0 if ns.help else 2
+    if ns.action not in ("show", "export", "import"):
+        raise UsageError(f"unknown source action '{ns.action}'; use show, export or import")
+    positional = [a for a in rest if "=" not in a and not a.startswith("-")]
+    overrides = [a for a in rest if a not in positional]
+    if ns.action == "show":
+        return _show(overrides)
+    if len(positional) != 1:
+        raise UsageError(f"sfdabench source {ns.action} needs one path (got {len(positional)}); "
+                         f"e.g. sfdabench source {ns.action} {'src.pt' if ns.action == 'export' else 'FILE.pt'} task=...")
+    if ns.action == "export":
+        return _export(Path(positional[0]), overrides)
+    return _import(Path(positional[0]), overrides, ns.force)
+
+
+def _missing(path: Path, cfg) -> SfdaBenchError:
+    return SfdaBenchError(f"no cached source model for task {cfg['task']['name']} seed {cfg['seed']} ({path}); "
+                          f"train it with `sfdabench run method=source_only task={cfg['task']['name']} "
+                          f"seed={cfg['seed']}` or import one with `sfdabench source import FILE`")
+
+
+def _show(overrides: Sequence[str]) -> int:
+    cfg, task, path = _resolve(overrides)
+    if not path.is_file():
+        raise _missing(path, cfg)
+    ckpt = load(path, cfg["source"], task.num_classes)
+    print(json.dumps({"path": str(path), "source_weights": ckpt.weights, "source_config": ckpt.key,
+                      **{k: v for k, v in ckpt.meta.items() if k != "key"}}, indent=2, default=str))
+    return 0
+
+
+def _export(dest: Path, overrides: Sequence[str]) -> int:
+    cfg, _, path = _resolve(overrides)
+    if not path.is_file():
+        raise _missing(path, cfg)
+    if dest.is_dir():
+        dest = dest / path.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_bytes(dest, lambda fh: fh.write(path.read_bytes()))
+    print(f"exported {path} -> {dest} (source_weights {weights_hash(dest)})")
+    return 0
+
+
+def _import(src: Path, overrides: Sequence[str], force: bool) -> int:
+    if not src.is_file():
+        raise UsageError(f"no file {src}; pass the .pt written by `sfdabench source export`")
+    cfg, task, path = _resolve(overrides)
+    blob = _read_blob(src)
+    meta = blob["meta"]
+    seed = int(cfg["seed"])
+    if meta.get("task") != task.name or int(meta.get("seed", -1)) != seed:
+        raise UsageError(f"{src} is the source model of task {meta.get('task')} seed {meta.get('seed')}, not of "
+                         f"task {task.name} seed {seed}; pass task={meta.get('task')} seed={meta.get('seed')}")
+    load(src, cfg["source"], task.num_classes)  # the architecture must fit this config's source recipe
+    incoming = weights_hash(src)
+    if path.is_file() and weights_hash(path) != incoming and not force:
+        raise UsageError(f"{path} already holds other source weights ({weights_hash(path)}, incoming {incoming}); "
+                         f"pass --force to replace them (runs made with the old weights keep their rows)")
+    with results.locked(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_bytes(path, lambda fh: fh.write(src.read_bytes()))
+        results.write_json(sidecar(path), {"imported_from": str(src.resolve()), "imported_at": results.now_iso(),
+                                           "exported_config_key": meta.get("key")})
+    if meta.get("key") != path.stem.rsplit("-", 1)[-1]:
+        log.warning("imported weights were trained under source config %s; here they stand for %s "
+                    "(same task, seed and architecture; recipe settings may differ)", meta.get("key"),
+                    path.stem.rsplit("-", 1)[-1])
+    print(f"imported {src} -> {path} (source_weights {incoming})")
+    return 0
