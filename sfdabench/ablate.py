@@ -43,7 +43,8 @@ SWITCH_KEYS = ("method.fa.enabled", "method.search.search", "method.search.stage
 _VARIANT = re.compile(r"^(?P<fa>fa|nofa)(?:(?P<only>-only)|\+(?P<search>naive|tbs|mbs|dbs)(?P<nos3>\+nos3)?"
                       r"\+(?P<cp>cp|nocp))$")
 STAGE_LABELS = {"target_model": "PL before SAM", "sam": "PL after SAM", "cp": "PL after CP",
-                "gt_box_ceiling": "PL ceiling (GT boxes)", "efficiency": "box-search efficiency"}
+                "gt_box_ceiling": "PL ceiling (GT boxes)", "class_keeping_ceiling": "PL ceiling (class-keeping)",
+                "efficiency": "box-search efficiency", "efficiency_class_keeping": "efficiency (class-keeping)"}
 #: Not a pseudo-label Dice but a ratio of two (``diagnostics.box_search_efficiency``): PL after SAM / ceiling.
 EFFICIENCY = "efficiency"
 
@@ -195,6 +196,8 @@ def pseudo_label_rows(expected: pd.DataFrame, folders: dict[str, Path]) -> pd.Da
         stages = dict(diagnostics.get("pseudo_label_dice", {}) or {})
         if diagnostics.get("box_search_efficiency"):
             stages[EFFICIENCY] = diagnostics["box_search_efficiency"]
+        if diagnostics.get("box_search_efficiency_class_keeping"):
+            stages[EFFICIENCY + "_class_keeping"] = diagnostics["box_search_efficiency_class_keeping"]
         for stage, organs in stages.items():
             for organ, value in organs.items():
                 rows.append({"variant": run.variant, "seed": run.seed, "stage": stage, "organ": organ,

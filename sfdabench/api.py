@@ -175,7 +175,8 @@ class Context:
                  organs: Sequence[str], sam_factory: Callable[[], SamBackend] | None = None,
                  label_oracle: Callable[[], list[np.ndarray]] | None = None,
                  pseudo_label_scorer: Callable[[list[np.ndarray]], dict[str, float]] | None = None,
-                 box_ceiling: Callable[["SamBackend", int], tuple[dict[str, float], dict]] | None = None,
+                 box_ceiling: Callable[..., tuple[dict[str, float], dict]] | None = None,
+                 pseudo_label_confusion: Callable[[list[np.ndarray]], dict] | None = None,
                  allow_labels: bool = False, progress: bool = True):
         self.device = device
         self.seed = seed
@@ -185,12 +186,14 @@ class Context:
         self.num_classes = len(self.organs) + 1
         self.show_progress = progress
         self.diagnostics: dict[str, Any] = {}
+        self._stage_volumes: dict[str, list[np.ndarray]] = {}   # for the class-keeping ceiling
         self.timings: dict[str, float] = {}
         self._sam_factory = sam_factory
         self._sam: SamBackend | None = None
         self._label_oracle = label_oracle
         self._scorer = pseudo_label_scorer
         self._box_ceiling = box_ceiling
+        self._confusion = pseudo_label_confusion
         self._allow_labels = allow_labels
         self.log = log
 
@@ -236,15 +239,25 @@ class Context:
             return {}
         scores = self._scorer(volumes)
         self.diagnostics.setdefault("pseudo_label_dice", {})[stage] = scores
+        if self._confusion is not None:  # which class went where (twin-organ swaps, missed organs)
+            self.diagnostics.setdefault("pseudo_label_confusion", {})[stage] = self._confusion(volumes)
+        self._stage_volumes[stage] = volumes
         return scores
 
-    def compare_with_box_ceiling(self, stage: str, *, margin: int) -> None:
-        """Measure how close a box search came to its ceiling (measurement only, nothing is returned).
+    def compare_with_box_ceiling(self, stage: str, *, margin: int, classes_from: str | None = None) -> None:
+        """Measure how close a box search came to its ceilings (measurement only, nothing is returned).
 
-        The harness prompts ``self.sam`` with the ground-truth box (``margin`` pixels wider on each side: pass
-        the search's own margin) of every organ on every target-train slice, scores those pseudo-labels
-        (``pseudo_label_dice/gt_box_ceiling``) and records ``box_search_efficiency`` = pseudo-label Dice of
-        ``stage`` / ceiling Dice, per organ and for ``mean``. Call it after ``pseudo_label_quality(stage, ...)``.
+        The harness prompts ``self.sam`` with ground-truth boxes (``margin`` pixels wider on each side: pass
+        the search's own margin) on every target-train slice and scores those pseudo-labels:
+        - ``gt_box_ceiling``: every organ present in the ground truth, with its true class. It hands class
+          identity and presence over for free, so it bounds detection + classification + box together.
+        - ``class_keeping_ceiling`` (when ``classes_from`` names an earlier ``pseudo_label_quality`` stage,
+          e.g. the model the search started from): for each class that stage predicts on a slice, the
+          ground-truth box of the organ its region overlaps most, labelled with the *predicted* class. It
+          keeps that model's class identity and presence, so it bounds the box search alone.
+        ``box_search_efficiency`` (against the first) and ``box_search_efficiency_class_keeping`` (against
+        the second) = pseudo-label Dice of ``stage`` / ceiling Dice, per organ and ``mean``. Call it after
+        ``pseudo_label_quality(stage, ...)``.
         """
         searched = self.diagnostics.get("pseudo_label_dice", {}).get(stage)
         if self._box_ceiling is None or searched is None:
@@ -253,9 +266,14 @@ class Context:
         ceiling, stats = self._box_ceiling(self.sam, int(margin))
         self.diagnostics["pseudo_label_dice"]["gt_box_ceiling"] = ceiling
         self.diagnostics["box_ceiling"] = {**stats, "stage": stage, "seconds": time.perf_counter() - start}
-        self.diagnostics["box_search_efficiency"] = {
-            key: (searched[key] / value if value and key in searched else float("nan"))
-            for key, value in ceiling.items()}
+        self.diagnostics["box_search_efficiency"] = _ratio(searched, ceiling)
+        if classes_from is not None and classes_from in self._stage_volumes:
+            start = time.perf_counter()
+            keeping, stats = self._box_ceiling(self.sam, int(margin), classes=self._stage_volumes[classes_from])
+            self.diagnostics["pseudo_label_dice"]["class_keeping_ceiling"] = keeping
+            self.diagnostics["class_keeping_ceiling"] = {**stats, "stage": stage, "classes_from": classes_from,
+                                                         "seconds": time.perf_counter() - start}
+            self.diagnostics["box_search_efficiency_class_keeping"] = _ratio(searched, keeping)
 
     def target_train_labels(self) -> list[np.ndarray]:
         """Ground-truth target-train label volumes. Only for methods with ``uses_target_labels = True``."""
@@ -263,6 +281,11 @@ class Context:
             raise SfdaBenchError("target-train labels are not available to source-free methods; a method "
                                  "that needs them must declare uses_target_labels = True (and is not SFDA)")
         return self._label_oracle()
+
+
+def _ratio(searched: Mapping[str, float], ceiling: Mapping[str, float]) -> dict[str, float]:
+    return {key: (searched[key] / value if value and key in searched else float("nan"))
+            for key, value in ceiling.items()}
 
 
 # ------------------------------------------------------------------------------------------ methods

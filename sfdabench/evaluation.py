@@ -73,3 +73,32 @@ def dice_per_organ(predictions: Sequence[np.ndarray], labels: Sequence[np.ndarra
         out[organ] = float(np.mean(scores)) if scores else float("nan")
     out["mean"] = float(np.nanmean([out[o] for o in organs])) if organs else float("nan")
     return out
+
+
+def label_confusion(predictions: Sequence[np.ndarray], labels: Sequence[np.ndarray], organs: Sequence[str]
+                    ) -> dict[str, dict[str, float]]:
+    """Where each ground-truth class went: ``{gt_class: {predicted_class: fraction of gt_class voxels}}`` over
+    all volumes (rows sum to 1; ``background`` included). Twin-organ swaps (right kidney labelled left kidney)
+    and missed organs (mass on ``background``) show up here, not in a Dice."""
+    names = ["background", *organs]
+    k = len(names)
+    counts = np.zeros((k, k), dtype=np.int64)
+    for p, g in zip(predictions, labels):
+        counts += np.bincount(g.astype(np.int64).ravel() * k + p.astype(np.int64).ravel(),
+                              minlength=k * k).reshape(k, k)
+    totals = counts.sum(axis=1, keepdims=True)
+    fractions = np.divide(counts, totals, out=np.full(counts.shape, np.nan), where=totals > 0)
+    return {names[i]: {names[j]: float(fractions[i, j]) for j in range(k)} for i in range(k)}
+
+
+def confusion_highlights(confusion: Mapping[str, Mapping[str, float]], threshold: float = 0.1) -> list[str]:
+    """Off-diagonal flows of at least ``threshold`` of an organ's voxels, e.g. ``right_kidney->left_kidney 0.96``
+    (``->background`` is a missed organ)."""
+    out = []
+    for gt, row in confusion.items():
+        if gt == "background":
+            continue
+        for pred, value in sorted(row.items(), key=lambda kv: -kv[1]):
+            if pred != gt and value == value and value >= threshold:
+                out.append(f"{gt}->{pred} {value:.2f}")
+    return out

@@ -19,7 +19,7 @@ import torch
 from sfdabench import results, source_model
 from sfdabench.determinism import seed_everything, use_deterministic_kernels
 from sfdabench.api import Case, Context, Method, SfdaBenchError, TargetImages, _plain
-from sfdabench.evaluation import dice_per_organ, evaluate
+from sfdabench.evaluation import dice_per_organ, evaluate, label_confusion
 from sfdabench.plugins import Registry, get_registry
 
 log = logging.getLogger("sfdabench")
@@ -165,7 +165,10 @@ def _execute(cfg: Mapping[str, Any], registry: Registry, run_dirs: list[Path]) -
         # Diagnostics need target-train labels; a target without them (unlabelled data) just has none.
         pseudo_label_scorer=(lambda vols: dice_per_organ(vols, [c.label for c in target_train], task.organs))
         if labelled else None,
-        box_ceiling=(lambda sam, margin: box_prompt_ceiling(sam, margin, target_train, task.organs, progress))
+        box_ceiling=(lambda sam, margin, classes=None: box_prompt_ceiling(sam, margin, target_train, task.organs,
+                                                                          progress, classes))
+        if labelled else None,
+        pseudo_label_confusion=(lambda vols: label_confusion(vols, [c.label for c in target_train], task.organs))
         if labelled else None,
         allow_labels=method_cls.uses_target_labels, progress=progress_enabled)
     seed_everything(seed)
@@ -214,13 +217,15 @@ def _execute(cfg: Mapping[str, Any], registry: Registry, run_dirs: list[Path]) -
     return summary
 
 
-def box_prompt_ceiling(sam, margin: int, cases: list[Case], organs: list[str], progress=None
-                       ) -> tuple[dict[str, float], dict]:
-    """Dice per organ of the ground-truth-box pseudo-labels of ``cases`` (see sfdabench.sam.ceiling)."""
+def box_prompt_ceiling(sam, margin: int, cases: list[Case], organs: list[str], progress=None,
+                       classes: list[np.ndarray] | None = None) -> tuple[dict[str, float], dict]:
+    """Dice per organ of the ground-truth-box pseudo-labels of ``cases`` (see sfdabench.sam.ceiling);
+    ``classes``: keep those label volumes' class identity and presence (the class-keeping ceiling)."""
     from sfdabench.sam.ceiling import gt_box_pseudo_labels
 
     labels = [c.label for c in cases]
-    volumes, stats = gt_box_pseudo_labels(sam, [c.image for c in cases], labels, organs, margin, progress)
+    volumes, stats = gt_box_pseudo_labels(sam, [c.image for c in cases], labels, organs, margin, progress,
+                                          classes=classes)
     return dice_per_organ(volumes, labels, organs), stats
 
 

@@ -229,7 +229,7 @@ def _facts(run: Mapping[str, Any]) -> pd.DataFrame:
 
 
 #: Pseudo-label stages in the order a method produces them (others follow in their recorded order).
-STAGE_ORDER = ("target_model", "source_model", "sam", "cp", "gt_box", "gt_box_ceiling")
+STAGE_ORDER = ("target_model", "source_model", "sam", "cp", "gt_box", "gt_box_ceiling", "class_keeping_ceiling")
 
 
 def _organ_order(keys: Sequence[str], organs: Sequence[str]) -> list[str]:
@@ -258,6 +258,10 @@ def _pseudo_label_table(diagnostics: Mapping[str, Any], organs: Sequence[str]) -
         stage = (diagnostics.get("box_ceiling") or {}).get("stage", "sam")
         table.loc[f"box-search efficiency ({stage} / gt_box_ceiling)"] = pd.Series(
             {k: (np.nan if v is None else v) for k, v in diagnostics["box_search_efficiency"].items()})
+    if diagnostics.get("box_search_efficiency_class_keeping"):
+        stage = (diagnostics.get("class_keeping_ceiling") or {}).get("stage", "sam")
+        table.loc[f"box-search efficiency ({stage} / class_keeping_ceiling)"] = pd.Series(
+            {k: (np.nan if v is None else v) for k, v in diagnostics["box_search_efficiency_class_keeping"].items()})
     table.index.name = "stage"
     return table
 
@@ -312,7 +316,18 @@ def render(run: Mapping[str, Any], out: Path, max_cases: int) -> Path:
         sections.append("<h2>Pseudo-label quality per phase</h2><p class='note'>Dice of the target-train "
                         "pseudo-labels against target-train ground truth: measured, never used by the method. "
                         "gt_box_ceiling: SAM prompted with ground-truth boxes (the best any box search can do "
-                        "with this backend).</p>" + _table(pl))
+                        "with this backend); class_keeping_ceiling: ground-truth boxes for the classes the "
+                        "search's starting model predicts, labelled as it labels them (the best this box search "
+                        "can do without fixing that model's class errors).</p>" + _table(pl))
+    confusion = diagnostics.get("pseudo_label_confusion") or {}
+    if confusion:
+        from sfdabench.evaluation import confusion_highlights
+
+        rows = {stage: "; ".join(confusion_highlights(table)) or "none" for stage, table in confusion.items()}
+        sections.append("<h2>Where each organ went</h2><p class='note'>Pseudo-label confusion against "
+                        "target-train ground truth: flows of at least 10% of an organ's voxels to another class "
+                        "(twin-organ swaps, missed organs as -&gt;background).</p>"
+                        + _table(pd.DataFrame({"off-diagonal flows": rows}).rename_axis("stage")))
     figures = sorted((Path(run["dir"]) / "figures").glob("*.png"))
     if figures:
         (out / "figures").mkdir(exist_ok=True)

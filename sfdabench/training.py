@@ -123,37 +123,51 @@ def train_supervised(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: M
                      desc: str = "train") -> list[float]:
     """Train ``model`` on a labelled slice dataset (items with ``image`` and ``label``).
 
-    ``cfg``: ``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``loss`` (ce+dice | dice | ce),
-    ``lr_step_epochs`` and ``lr_gamma`` (StepLR stepped per epoch), ``augment`` (see :class:`Augment`).
-    The last model is returned (no checkpoint is chosen by any test metric). Returns per-epoch mean losses.
+    ``cfg``: ``batch_size``, ``lr``, ``weight_decay``, ``loss`` (ce+dice | dice | ce), ``augment`` (see
+    :class:`Augment`) and a budget, either
+    - in epochs: ``epochs``, ``lr_step_epochs`` and ``lr_gamma`` (StepLR stepped per epoch), or
+    - in optimiser steps (``steps`` set): ``steps`` iterations, the lr times ``lr_gamma`` every
+      ``lr_step_every`` steps. A paper's schedule then keeps its length in steps whatever our dataset size
+      (an epoch of a 59-slice target set is 7 steps, of the paper's 1400 slices 175: counting epochs would
+      silently cut the budget 25x).
+    The last model is returned (no checkpoint is chosen by any test metric). Returns the mean loss per epoch
+    (epoch budget) or per ``lr_step_every`` steps (step budget).
     """
     model.to(device).train()
     loss_fn = segmentation_loss(cfg.get("loss", "ce+dice"))
     opt = make_optimizer(model.parameters(), cfg)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=int(cfg.get("lr_step_epochs", 2)),
-                                            gamma=float(cfg.get("lr_gamma", 0.95)))
     augment = Augment(cfg.get("augment"), generator)
     data = loader(dataset, int(cfg["batch_size"]), generator)
-    epochs = int(cfg["epochs"])
-    history = []
-    bar = progress(total=epochs * len(data), desc=desc) if progress else None
-    for _ in range(epochs):
-        total, count = 0.0, 0
-        for batch in data:
-            x, y = augment(batch["image"].to(device), batch["label"].to(device))
-            _, logits = model(x)
-            loss = loss_fn(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            value = float(loss.detach())
-            total += value
-            count += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{value:.3f}")
-        sched.step()
-        history.append(total / max(count, 1))
+    steps = cfg.get("steps")
+    if steps is not None:
+        total, period = int(steps), int(cfg.get("lr_step_every", len(data)))
+    else:
+        period = len(data) * int(cfg.get("lr_step_epochs", 2))
+        total = int(cfg["epochs"]) * len(data)
+    # One scheduler step per ``period`` optimiser steps in both modes (epoch mode: StepLR per epoch, as before).
+    gamma = float(cfg.get("lr_gamma", 0.95))
+    history, window = [], []
+    bar = progress(total=total, desc=desc) if progress else None
+    batches = forever(data)
+    for step in range(1, total + 1):
+        batch = next(batches)
+        x, y = augment(batch["image"].to(device), batch["label"].to(device))
+        _, logits = model(x)
+        loss = loss_fn(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        value = float(loss.detach())
+        window.append(value)
+        if step % period == 0:
+            for group in opt.param_groups:
+                group["lr"] *= gamma
+        if step % (period if steps is not None else len(data)) == 0 or step == total:
+            history.append(sum(window) / len(window))
+            window = []
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.3f}")
     if bar is not None:
         bar.close()
     return history

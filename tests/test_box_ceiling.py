@@ -59,6 +59,17 @@ def test_dfg_records_ceiling_and_efficiency(tmp_path, source_model):  # noqa: F8
     for key, value in efficiency.items():
         assert math.isclose(value, pl["sam"][key] / pl["gt_box_ceiling"][key]), key
     assert ctx.diagnostics["box_ceiling"]["stage"] == "sam"
+    # The class-keeping ceiling keeps the FA model's classes: it bounds the search alone, so it is never
+    # above the ceiling that gets every class right, and the search's efficiency against it is the larger.
+    keeping = pl["class_keeping_ceiling"]
+    assert keeping["mean"] <= pl["gt_box_ceiling"]["mean"] + 1e-9
+    kept = ctx.diagnostics["box_search_efficiency_class_keeping"]
+    assert math.isclose(kept["mean"], pl["sam"]["mean"] / keeping["mean"])
+    assert ctx.diagnostics["class_keeping_ceiling"]["classes_from"] == "target_model"
+    # Confusion per stage: rows are fractions of each ground-truth class.
+    for stage in ("target_model", "sam"):
+        for row in ctx.diagnostics["pseudo_label_confusion"][stage].values():
+            assert math.isclose(sum(row.values()), 1.0) or all(v != v for v in row.values())
     assert ctx.diagnostics["box_ceiling"]["box_margin"] >= 1
 
     ctx_off, _ = make_context(tmp_path / "off", [c.label for c in target], images=[c.image for c in target])
@@ -83,3 +94,36 @@ def test_box_ceiling_method_cannot_run_without_labels(tmp_path, source_model):  
 
     with pytest.raises(SfdaBenchError, match="not available to source-free methods"):
         cls(method_config("box_ceiling")).adapt(copy.deepcopy(source_model), TargetImages(target), ctx)
+
+
+def test_class_keeping_ceiling_keeps_a_twin_swap_and_skips_background_regions():
+    """A model that calls the right kidney "left kidney" keeps that error in the class-keeping ceiling (the
+    box is right, the class is the model's), while the ground-truth ceiling fixes it for free."""
+    sam = ThresholdSam()
+    image = np.zeros((16, 16), np.float32)
+    label = np.zeros((16, 16), np.uint8)
+    label[2:6, 2:6] = 2                      # right kidney (class 2)
+    image[label > 0] = 1.0
+    predicted = np.zeros_like(label)
+    predicted[3:5, 3:5] = 3                  # predicted as left kidney (class 3), inside the right kidney
+    predicted[10:12, 10:12] = 1              # spleen predicted on background: no box can fix it
+    kept, outcomes = gt_box_slice(sam, image, label, 5, 1, predicted=predicted)
+    assert outcomes == {3: "sam"}
+    assert (kept[label == 2] == 3).mean() > 0.9 and not (kept == 2).any()
+    truth, _ = gt_box_slice(sam, image, label, 5, 1)
+    assert (truth[label == 2] == 2).mean() > 0.9
+
+
+def test_label_confusion_shows_twin_swaps_and_misses():
+    from sfdabench.evaluation import confusion_highlights, label_confusion
+
+    gt = np.zeros((1, 8, 8), np.uint8)
+    gt[0, :2, :2], gt[0, 4:6, 4:6], gt[0, 6:, :2] = 2, 4, 1
+    pred = np.zeros_like(gt)
+    pred[0, :2, :2] = 3                      # right kidney -> left kidney
+    pred[0, 4:6, 4:6] = 4                    # liver right; spleen missed (-> background)
+    conf = label_confusion([pred], [gt], ORGANS)
+    assert conf["right_kidney"]["left_kidney"] == 1.0 and conf["liver"]["liver"] == 1.0
+    assert conf["spleen"]["background"] == 1.0
+    assert all(v != v for v in conf["left_kidney"].values())      # absent from the ground truth: NaN row
+    assert confusion_highlights(conf) == ["spleen->background 1.00", "right_kidney->left_kidney 1.00"]

@@ -82,16 +82,23 @@ def make_context(tmp_path, labels, sam=None, images=None):
         scorer_calls.append(volumes)
         return dice_per_organ(volumes, labels, ORGANS)
 
-    def ceiling(sam, margin):
+    def ceiling(sam, margin, classes=None):
         from sfdabench.protocol import box_prompt_ceiling
 
         return box_prompt_ceiling(sam, margin, [Case(str(i), im, lab, (1.0, 1.0, 1.0))
-                                                for i, (im, lab) in enumerate(zip(images, labels))], ORGANS)
+                                                for i, (im, lab) in enumerate(zip(images, labels))], ORGANS,
+                                  classes=classes)
+
+    def confusion(volumes):
+        from sfdabench.evaluation import label_confusion
+
+        return label_confusion(volumes, labels, ORGANS)
 
     sam = sam or ThresholdSam()
     ctx = Context(device=torch.device("cpu"), seed=0, cache_dir=tmp_path / "cache", run_dir=tmp_path / "run",
                   organs=ORGANS, sam_factory=lambda: sam, label_oracle=lambda: labels,
                   pseudo_label_scorer=scorer, box_ceiling=ceiling if images is not None else None,
+                  pseudo_label_confusion=confusion,
                   progress=False)
     return ctx, sam
 

@@ -40,3 +40,36 @@ def test_train_supervised_learns_a_trivial_task():
     cfg = {"epochs": 8, "batch_size": 8, "lr": 1e-2, "loss": "ce+dice", "augment": {"enabled": False}}
     losses = train_supervised(model, data, cfg, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
     assert losses[-1] < losses[0] * 0.7
+
+
+def _tiny_data(n=12):
+    g = torch.Generator().manual_seed(5)
+    images = torch.rand(n, 3, 16, 16, generator=g)
+    labels = (images[:, 0] > 0.5).long()
+    return [{"image": images[i], "label": labels[i]} for i in range(n)]
+
+
+def _train(cfg):
+    torch.manual_seed(0)
+    model = build_segmenter({"width": 4, "depth": 2}, 2)
+    losses = train_supervised(model, _tiny_data(), {"batch_size": 4, "lr": 1e-3, "augment": {"p": 0.5}, **cfg},
+                              device=torch.device("cpu"), generator=torch.Generator().manual_seed(1))
+    return losses, model.state_dict()
+
+
+def test_step_budget_equals_the_epoch_budget_it_spells_out():
+    """12 slices at batch 4 = 3 steps an epoch: 5 epochs with lr x0.5 every 2 epochs is 15 steps with lr x0.5
+    every 6 steps. Both budgets must train bit-identically."""
+    by_epoch, sd_epoch = _train({"epochs": 5, "lr_step_epochs": 2, "lr_gamma": 0.5})
+    _, sd_steps = _train({"steps": 15, "lr_step_every": 6, "lr_gamma": 0.5})
+    assert len(by_epoch) == 5
+    assert all(torch.equal(sd_epoch[k], sd_steps[k]) for k in sd_epoch)
+
+
+def test_step_budget_does_not_shrink_with_the_dataset():
+    """A step budget runs that many optimiser steps whatever the epoch length: 10 steps on 12 slices at
+    batch 4 pass the data 3.3 times; the decay period decides the loss history's length."""
+    losses, sd10 = _train({"steps": 10, "lr_step_every": 5, "lr_gamma": 0.8})
+    assert len(losses) == 2
+    _, sd9 = _train({"steps": 9, "lr_step_every": 5, "lr_gamma": 0.8})
+    assert not all(torch.equal(sd10[k], sd9[k]) for k in sd10)   # the 10th step happened

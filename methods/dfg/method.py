@@ -67,7 +67,8 @@ class DFG(Method):
         context.pseudo_label_quality("target_model", labels.target_model)
         context.pseudo_label_quality("sam", labels.refined)
         if self.cfg["box_ceiling"]:  # diagnostic: the harness measures, with labels this method never sees
-            context.compare_with_box_ceiling("sam", margin=labels.stats["scaled_settings"]["box_margin"])
+            context.compare_with_box_ceiling("sam", margin=labels.stats["scaled_settings"]["box_margin"],
+                                             classes_from="target_model")
         pseudo = labels.refined
         if self.cfg["cp"]:
             with context.phase("cp"):

@@ -26,19 +26,41 @@ from sfdabench.sam.masks import box_around, largest_contour
 SCORE_BACKGROUND, SCORE_SAM = 0.5, 2.0       # DFG's merge scores (spec 4.4)
 
 
-def gt_box_slice(sam: SamBackend, image: np.ndarray, label: np.ndarray, num_classes: int, margin: int
-                 ) -> tuple[np.ndarray, dict[int, str]]:
-    """One slice: merged uint8 pseudo-label from ground-truth boxes, and per present class ``sam`` or
-    ``empty`` (SAM returned nothing for the true box)."""
-    present = [c for c in range(1, num_classes) if np.any(label == c)]
-    if not present:
+def _boxes_true_classes(label: np.ndarray, num_classes: int) -> dict[int, np.ndarray]:
+    """Every organ present in the ground truth, prompted as its true class."""
+    return {c: label == c for c in range(1, num_classes) if np.any(label == c)}
+
+
+def _boxes_kept_classes(label: np.ndarray, predicted: np.ndarray, num_classes: int) -> dict[int, np.ndarray]:
+    """Every class a model predicts on the slice, prompted with the ground-truth organ its region overlaps
+    most (labelled as the *predicted* class, so a twin-organ swap stays a swap); a region on background only
+    gets no box (a false positive no box can fix)."""
+    out = {}
+    for c in range(1, num_classes):
+        region = predicted == c
+        if not region.any():
+            continue
+        overlap = np.bincount(label[region].astype(np.int64), minlength=num_classes)[1:num_classes]
+        if overlap.max() > 0:
+            out[c] = label == int(overlap.argmax()) + 1
+    return out
+
+
+def gt_box_slice(sam: SamBackend, image: np.ndarray, label: np.ndarray, num_classes: int, margin: int,
+                 predicted: np.ndarray | None = None) -> tuple[np.ndarray, dict[int, str]]:
+    """One slice: merged uint8 pseudo-label from ground-truth boxes, and per prompted class ``sam`` or
+    ``empty`` (SAM returned nothing for the box). ``predicted``: keep that label map's classes (see
+    :func:`_boxes_kept_classes`) instead of the ground truth's."""
+    regions = (_boxes_true_classes(label, num_classes) if predicted is None
+               else _boxes_kept_classes(label, predicted, num_classes))
+    if not regions:
         return np.zeros(label.shape, dtype=np.uint8), {}
     embedding = sam.embed(image)
     scores = np.zeros((num_classes, *label.shape), dtype=np.float32)
     scores[0] = SCORE_BACKGROUND
     outcomes = {}
-    for c in present:
-        mask = largest_contour(np.asarray(sam.decode(embedding, box_around(label == c, margin))))
+    for c, organ in regions.items():
+        mask = largest_contour(np.asarray(sam.decode(embedding, box_around(organ, margin))))
         if mask is not None and mask.any():
             scores[c][mask] = SCORE_SAM
             outcomes[c] = "sam"
@@ -48,15 +70,18 @@ def gt_box_slice(sam: SamBackend, image: np.ndarray, label: np.ndarray, num_clas
 
 
 def gt_box_pseudo_labels(sam: SamBackend, images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
-                         organs: Sequence[str], margin: int, progress: Callable | None = None
-                         ) -> tuple[list[np.ndarray], dict]:
-    """Ground-truth-box pseudo-label volumes (one per case, like ``images``) and statistics."""
+                         organs: Sequence[str], margin: int, progress: Callable | None = None,
+                         classes: Sequence[np.ndarray] | None = None) -> tuple[list[np.ndarray], dict]:
+    """Ground-truth-box pseudo-label volumes (one per case, like ``images``) and statistics. ``classes``:
+    label volumes whose class identity and presence to keep (the class-keeping ceiling)."""
     num_classes = len(organs) + 1
     out = [np.zeros(lab.shape, dtype=np.uint8) for lab in labels]
     outcomes = {organ: collections.Counter() for organ in organs}
     work = [(ci, z) for ci, lab in enumerate(labels) for z in range(lab.shape[0])]
-    for ci, z in (progress(work, desc="box-prompt ceiling") if progress else work):
-        out[ci][z], result = gt_box_slice(sam, images[ci][z], labels[ci][z], num_classes, margin)
+    desc = "box-prompt ceiling" + (" (class-keeping)" if classes is not None else "")
+    for ci, z in (progress(work, desc=desc) if progress else work):
+        predicted = None if classes is None else classes[ci][z]
+        out[ci][z], result = gt_box_slice(sam, images[ci][z], labels[ci][z], num_classes, margin, predicted)
         for c, outcome in result.items():
             outcomes[organs[c - 1]][outcome] += 1
     stats = {"box_margin": int(margin), "slices": len(work),
