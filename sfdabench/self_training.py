@@ -22,7 +22,7 @@ from torch import nn
 
 from sfdabench.api import Case, Context, SliceDataset, TargetImages
 from sfdabench.losses import soft_dice_loss
-from sfdabench.training import Augment, loader
+from sfdabench.training import Augment, fit, loader
 
 #: Label value of pixels excluded from the loss (pseudo-labels are uint8; organ labels are small integers).
 IGNORE = 255
@@ -139,37 +139,23 @@ def train_on_pseudo_labels(model: nn.Module, target_train: TargetImages, labels:
                            desc: str = "pseudo-label training") -> list[float]:
     """Train ``model`` (all parameters, train mode) on pseudo-label volumes; :data:`IGNORE` pixels are left out.
 
-    ``cfg``: ``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``optimizer``/``betas``/``momentum`` (see
-    :func:`build_optimizer`), ``loss`` (ce | dice | ce+dice), ``lr_step_epochs``/``lr_gamma`` (StepLR stepped
-    per epoch; default: constant rate), ``augment`` (:class:`~sfdabench.training.Augment`; geometric transforms
+    ``cfg``: ``batch_size``, ``lr``, ``weight_decay``, ``optimizer``/``betas``/``momentum`` (see
+    :func:`build_optimizer`), ``loss`` (ce | dice | ce+dice), the budget of :func:`~sfdabench.training.fit`
+    (``epochs`` with ``lr_step_epochs``/``lr_gamma``, default: constant rate; or ``steps``), ``augment`` (:class:`~sfdabench.training.Augment`; geometric transforms
     move the label with the image). A fixed budget; the last model is kept. Returns per-epoch mean losses.
     """
     model.to(context.device).train()
     loss_fn = pseudo_label_loss(str(cfg.get("loss", "ce")))
     opt = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=int(cfg.get("lr_step_epochs", 1)),
-                                            gamma=float(cfg.get("lr_gamma", 1.0)))
     augment = Augment(cfg.get("augment"), generator)
     data = loader(pseudo_label_dataset(target_train, labels), int(cfg["batch_size"]), generator)
-    epochs = int(cfg["epochs"])
-    history = []
-    bar = context.progress(total=epochs * len(data), desc=desc)
-    for _ in range(epochs):
-        total, count = 0.0, 0
-        for batch in data:
-            image, target = augment(batch["image"].to(context.device), batch["label"].to(context.device))
-            _, logits = model(image)
-            loss = loss_fn(logits, target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach())
-            count += 1
-            bar.update(1)
-        sched.step()
-        history.append(total / max(count, 1))
-    bar.close()
-    return history
+
+    def loss_of(batch):
+        image, target = augment(batch["image"].to(context.device), batch["label"].to(context.device))
+        return loss_fn(model(image)[1], target)
+
+    return fit(data, opt, cfg, loss_of, progress=context.progress, desc=desc, default_step_epochs=1,
+               default_gamma=1.0)
 
 
 def class_keep_rates(labels: Sequence[np.ndarray], keep: Sequence[np.ndarray], organs: Sequence[str]

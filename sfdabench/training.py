@@ -118,51 +118,40 @@ def forever(data: torch.utils.data.DataLoader):
         yield from data
 
 
-def train_supervised(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: Mapping[str, Any], *,
-                     device: torch.device, generator: torch.Generator, progress: Callable = None,
-                     desc: str = "train") -> list[float]:
-    """Train ``model`` on a labelled slice dataset (items with ``image`` and ``label``).
-
-    ``cfg``: ``batch_size``, ``lr``, ``weight_decay``, ``loss`` (ce+dice | dice | ce), ``augment`` (see
-    :class:`Augment`) and a budget, either
-    - in epochs: ``epochs``, ``lr_step_epochs`` and ``lr_gamma`` (StepLR stepped per epoch), or
+def fit(data: torch.utils.data.DataLoader, opt: torch.optim.Optimizer, cfg: Mapping[str, Any],
+        loss_of: Callable[[dict], torch.Tensor], *, progress: Callable | None = None, desc: str = "train",
+        default_step_epochs: int = 2, default_gamma: float = 0.95) -> list[float]:
+    """The one optimisation loop of the project: ``loss_of(batch)`` per step, under a budget that is either
+    - in epochs: ``epochs``, the lr times ``lr_gamma`` every ``lr_step_epochs`` epochs (StepLR per epoch), or
     - in optimiser steps (``steps`` set): ``steps`` iterations, the lr times ``lr_gamma`` every
       ``lr_step_every`` steps. A paper's schedule then keeps its length in steps whatever our dataset size
-      (an epoch of a 59-slice target set is 7 steps, of the paper's 1400 slices 175: counting epochs would
-      silently cut the budget 25x).
-    The last model is returned (no checkpoint is chosen by any test metric). Returns the mean loss per epoch
-    (epoch budget) or per ``lr_step_every`` steps (step budget).
+      (an epoch of a 59-slice target set at batch 8 is 7 steps, of the paper's 1400 slices 175: counting
+      epochs silently cuts such a budget 25x).
+    Returns the mean loss per epoch (epoch budget) or per ``lr_step_every`` steps (step budget).
     """
-    model.to(device).train()
-    loss_fn = segmentation_loss(cfg.get("loss", "ce+dice"))
-    opt = make_optimizer(model.parameters(), cfg)
-    augment = Augment(cfg.get("augment"), generator)
-    data = loader(dataset, int(cfg["batch_size"]), generator)
     steps = cfg.get("steps")
     if steps is not None:
         total, period = int(steps), int(cfg.get("lr_step_every", len(data)))
+        report_every = period
     else:
-        period = len(data) * int(cfg.get("lr_step_epochs", 2))
         total = int(cfg["epochs"]) * len(data)
-    # One scheduler step per ``period`` optimiser steps in both modes (epoch mode: StepLR per epoch, as before).
-    gamma = float(cfg.get("lr_gamma", 0.95))
+        period = len(data) * int(cfg.get("lr_step_epochs", default_step_epochs))
+        report_every = len(data)
+    gamma = float(cfg.get("lr_gamma", default_gamma))
     history, window = [], []
     bar = progress(total=total, desc=desc) if progress else None
     batches = forever(data)
     for step in range(1, total + 1):
-        batch = next(batches)
-        x, y = augment(batch["image"].to(device), batch["label"].to(device))
-        _, logits = model(x)
-        loss = loss_fn(logits, y)
+        loss = loss_of(next(batches))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         value = float(loss.detach())
         window.append(value)
-        if step % period == 0:
+        if step % period == 0:  # the same float operation as StepLR's chainable form
             for group in opt.param_groups:
                 group["lr"] *= gamma
-        if step % (period if steps is not None else len(data)) == 0 or step == total:
+        if step % report_every == 0 or step == total:
             history.append(sum(window) / len(window))
             window = []
         if bar is not None:
@@ -171,6 +160,28 @@ def train_supervised(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: M
     if bar is not None:
         bar.close()
     return history
+
+
+def train_supervised(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: Mapping[str, Any], *,
+                     device: torch.device, generator: torch.Generator, progress: Callable = None,
+                     desc: str = "train") -> list[float]:
+    """Train ``model`` on a labelled slice dataset (items with ``image`` and ``label``).
+
+    ``cfg``: ``batch_size``, ``lr``, ``weight_decay``, ``loss`` (ce+dice | dice | ce), ``augment`` (see
+    :class:`Augment`) and the budget of :func:`fit` (``epochs`` or ``steps``; StepLR default every 2 epochs
+    x0.95). The last model is returned (no checkpoint is chosen by any test metric).
+    """
+    model.to(device).train()
+    loss_fn = segmentation_loss(cfg.get("loss", "ce+dice"))
+    opt = make_optimizer(model.parameters(), cfg)
+    augment = Augment(cfg.get("augment"), generator)
+    data = loader(dataset, int(cfg["batch_size"]), generator)
+
+    def loss_of(batch):
+        x, y = augment(batch["image"].to(device), batch["label"].to(device))
+        return loss_fn(model(x)[1], y)
+
+    return fit(data, opt, cfg, loss_of, progress=progress, desc=desc)
 
 
 @torch.no_grad()

@@ -73,3 +73,27 @@ def test_step_budget_does_not_shrink_with_the_dataset():
     assert len(losses) == 2
     _, sd9 = _train({"steps": 9, "lr_step_every": 5, "lr_gamma": 0.8})
     assert not all(torch.equal(sd10[k], sd9[k]) for k in sd10)   # the 10th step happened
+
+
+def test_pseudo_label_training_shares_the_step_budget():
+    """Self-training (SAM refinement, box ceiling, pseudo-labelling) runs through the same loop: its step
+    budget equals the epoch budget it spells out."""
+    import numpy as np
+
+    from sfdabench.api import Case, Context, TargetImages
+    from sfdabench.self_training import train_on_pseudo_labels
+
+    rng = np.random.default_rng(0)
+    cases = [Case(str(i), rng.random((4, 16, 16), dtype=np.float32), None, (1.0, 1.0, 1.0)) for i in range(3)]
+    labels = [(rng.random((4, 16, 16)) * 3).astype(np.uint8) for _ in range(3)]   # 12 slices: 3 steps an epoch
+    states = []
+    for budget in ({"epochs": 5, "lr_step_epochs": 2}, {"steps": 15, "lr_step_every": 6}):
+        torch.manual_seed(0)
+        model = build_segmenter({"width": 4, "depth": 2}, 3)
+        ctx = Context(device=torch.device("cpu"), seed=0, cache_dir="unused", run_dir="unused", organs=["a", "b"],
+                      progress=False)
+        train_on_pseudo_labels(model, TargetImages(cases), labels,
+                               {"batch_size": 4, "lr": 1e-3, "lr_gamma": 0.5, "loss": "dice", **budget}, ctx,
+                               generator=torch.Generator().manual_seed(1))
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
