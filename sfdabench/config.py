@@ -396,6 +396,15 @@ def validate_config(cfg: Mapping[str, Any], registry=None) -> None:
     ev = cfg.get("eval") or {}
     _positive_int(ev, "batch_size", 16, label="eval.batch_size")
     _boolean(ev, "save_predictions", label="eval.save_predictions")
+    minimum = cfg.get("source_min_dice") or {}
+    if not isinstance(minimum, dict):
+        raise UsageError(f"source_min_dice must be a mapping like {{mean: 0.9, organ: 0.8}}, got {minimum!r}; "
+                         f"e.g. source_min_dice.mean=0.9")
+    for key, value in minimum.items():
+        if key not in ("mean", "organ") or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not 0 <= value <= 1:
+            raise UsageError(f"source_min_dice.{key}={value!r} is not a Dice in [0, 1] for 'mean' or 'organ'; "
+                             f"e.g. source_min_dice.mean=0.9")
     source = cfg.get("source") or {}
     for key, example in (("epochs", 60), ("batch_size", 16), ("width", 16), ("depth", 4)):
         if key in source:

@@ -154,6 +154,10 @@ def _execute(cfg: Mapping[str, Any], registry: Registry, run_dirs: list[Path]) -
     t0 = time.perf_counter()
     source = source_model.train_or_load(task, cfg["source"], seed, device, cache_dir, metrics, progress)
     timings["source_model"] = time.perf_counter() - t0
+    source_flag = weak_source_flag(source.meta.get("in_domain_dice") or {}, task.organs, cfg.get("source_min_dice"))
+    if source_flag:
+        log.warning("source model %s is weak: %s (source_min_dice); its target results say little about "
+                    "adaptation", source.weights, source_flag)
 
     target_train = task.target.splits["train"]
     labelled = all(c.label is not None for c in target_train)
@@ -189,7 +193,9 @@ def _execute(cfg: Mapping[str, Any], registry: Registry, run_dirs: list[Path]) -
         "asd_unit": metrics["asd"].unit if "asd" in metrics else "",
         "empty_policy": empty_policy_tag(cfg["metrics"]), "selection": method_cls.selection,
         "source_weights": source.weights, "source_config": source.key,
-        "train_threads": source.meta.get("train_threads", ""), "sfda": not method_cls.uses_target_labels,
+        "train_threads": source.meta.get("train_threads", ""),
+        "source_dice": (source.meta.get("in_domain_dice") or {}).get("mean", float("nan")),
+        "source_flag": source_flag, "sfda": not method_cls.uses_target_labels,
         "sam": _sam_tag(cfg["sam"]) if method.uses_sam else "",
         "data_protocol": task.data_protocol, "n_cases": len(task.target.splits["test"]),
         "config_hash": run_id, "run_id": run_id, "git_rev": results.git_revision(),
@@ -203,7 +209,7 @@ def _execute(cfg: Mapping[str, Any], registry: Registry, run_dirs: list[Path]) -
                                  {c.case_id: p for c, p in zip(task.target.splits["test"], predictions)})
     summary = {
         **protocol, "runtime_s": runtime, "finished_at": results.now_iso(),
-        "source": {"checkpoint": str(source.path), "weights": source.weights, **source.meta},
+        "source": {"checkpoint": str(source.path), "weights": source.weights, "flag": source_flag, **source.meta},
         "metrics": {organ: {k: _nan_to_none(v) for k, v in row.items()} for organ, row in table.iterrows()},
         "timings": {**timings, **{f"adapt/{k}": v for k, v in context.timings.items()}},
         "diagnostics": context.diagnostics, "run_dir": str(run_dir),
@@ -247,6 +253,20 @@ def _nan_to_none(v: Any) -> Any:
         return None if np.isnan(v) else float(v)
     except TypeError:
         return v
+
+
+def weak_source_flag(in_domain: Mapping[str, float], organs: list[str], minimum: Mapping[str, float] | None
+                     ) -> str:
+    """Why a source model is below ``source_min_dice`` (in-domain mean, or any organ), or "" if it is not."""
+    if not minimum or not in_domain:
+        return ""
+    problems = []
+    if "mean" in minimum and in_domain.get("mean", 1.0) < float(minimum["mean"]):
+        problems.append(f"in-domain mean Dice {in_domain['mean']:.3f} < {float(minimum['mean']):.2f}")
+    if "organ" in minimum:
+        problems += [f"{o} {in_domain[o]:.3f} < {float(minimum['organ']):.2f}" for o in organs
+                     if o in in_domain and in_domain[o] < float(minimum["organ"])]
+    return "; ".join(problems)
 
 
 def format_table(summary: Mapping[str, Any]) -> str:

@@ -26,7 +26,7 @@ from sfdabench import atomic
 
 LEADERBOARD_COLUMNS = [
     "task", "method", "variant", "seed", "organ", "dice", "asd", "hd95", "asd_unit", "empty_policy", "selection",
-    "source_weights", "source_config", "train_threads", "sfda", "sam", "data_protocol", "n_cases", "config_hash",
+    "source_weights", "source_config", "train_threads", "source_dice", "source_flag", "sfda", "sam", "data_protocol", "n_cases", "config_hash",
     "run_id", "git_rev", "sfdabench_version", "metric_version", "runtime_s", "finished_at",
 ]
 #: ``source_weights``: SHA-256 (first 16 hex) of the cached source checkpoint file: the weights every method of
@@ -120,7 +120,7 @@ def locked(path: Path) -> Iterator[None]:
 #: ``5549378735e3`` into ``5549378735000.0`` and dropped leading zeros of ``000123456789``.
 METRIC_COLUMNS = ("dice", "asd", "hd95")
 INTEGER_COLUMNS = ("seed", "n_cases", "train_threads", "gt_voxels", "pred_voxels")
-NUMERIC_COLUMNS = METRIC_COLUMNS + INTEGER_COLUMNS + ("runtime_s",)
+NUMERIC_COLUMNS = METRIC_COLUMNS + INTEGER_COLUMNS + ("runtime_s", "source_dice")
 #: Columns renamed on reading (old name -> current name).
 LEGACY_COLUMNS = {"source_ckpt": "source_config"}
 _FALSE = ("false", "0", "no")

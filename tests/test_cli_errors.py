@@ -58,6 +58,7 @@ BAD_RUNS = [
     (["metrics.empty_policy=zero"], 2, "metrics.empty_policy='zero' is not one of diagonal, nan"),
     (["metrics.asd_reduction=median"], 2, "asd_reduction must be one of"),
     (["eval.batch_size=0"], 2, "eval.batch_size must be a positive integer, got 0"),
+    (["source_min_dice.mean=1.5"], 2, "source_min_dice.mean=1.5 is not a Dice in [0, 1]"),
     (["source.epochs=0"], 2, "source.epochs must be a positive integer"),
     (["progress=maybe"], 2, "progress must be true or false"),
     (["device=tpu"], 2, "unknown device 'tpu'"),

@@ -51,6 +51,20 @@ def test_source_weights_is_the_sha256_of_the_checkpoint_file(tmp_path):
     digest = hashlib.sha256(_checkpoint(tmp_path / "r").read_bytes()).hexdigest()
     assert set(rows["source_weights"]) == {digest[:16]}
     assert set(rows["source_config"]) == {_checkpoint(tmp_path / "r").stem.rsplit("-", 1)[-1]}
+    # The tiny test source model is far below source_min_dice: every row says so, and why.
+    assert (rows["source_dice"] < 0.5).all()
+    assert rows["source_flag"].str.startswith("in-domain mean Dice").all()
+    assert rows["source_flag"].str.contains("spleen").all()
+
+
+def test_weak_source_flag_names_mean_and_organs():
+    from sfdabench.protocol import weak_source_flag
+
+    dice = {"spleen": 0.95, "liver": 0.7, "mean": 0.825}
+    assert weak_source_flag(dice, ["spleen", "liver"], {"mean": 0.9, "organ": 0.8}) == \
+        "in-domain mean Dice 0.825 < 0.90; liver 0.700 < 0.80"
+    assert weak_source_flag(dice, ["spleen", "liver"], {"mean": 0.8, "organ": 0.6}) == ""
+    assert weak_source_flag(dice, ["spleen", "liver"], None) == ""
 
 
 def test_written_files_follow_the_umask(tmp_path):
