@@ -30,11 +30,11 @@ import pandas as pd
 
 from sfdabench import gap_closed
 from sfdabench.api import UsageError
-from sfdabench.results import read_rows, source_model
+from sfdabench.results import METRIC_COLUMNS, read_rows, source_model
 
 log = logging.getLogger("sfdabench")
 
-METRICS = ("dice", "asd", "hd95")
+METRICS = METRIC_COLUMNS  # one list of built-in metric columns (sfdabench.results)
 HIGHER_IS_BETTER = {"dice": True, "asd": False, "hd95": False}
 #: Aggregation key. ``sam`` (the SAM backend a run used, empty for methods without SAM) is a method setting
 #: the variant name does not carry: LiteMedSAM and MedSAM runs of one variant are separate rows, not seeds.

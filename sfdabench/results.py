@@ -26,13 +26,15 @@ from sfdabench import atomic
 
 LEADERBOARD_COLUMNS = [
     "task", "method", "variant", "seed", "organ", "dice", "asd", "hd95", "asd_unit", "empty_policy", "selection",
-    "source_weights", "source_config", "train_threads", "source_dice", "source_flag", "sfda", "sam", "data_protocol", "n_cases", "config_hash",
-    "run_id", "git_rev", "sfdabench_version", "metric_version", "runtime_s", "finished_at",
+    "source_weights", "source_config", "train_threads", "source_dice", "source_flag", "sfda", "sam",
+    "data_protocol", "n_cases", "config_hash", "run_id", "git_rev", "sfdabench_version", "metric_version",
+    "runtime_s", "finished_at",
 ]
 #: ``source_weights``: SHA-256 (first 16 hex) of the cached source checkpoint file: the weights every method of
 #: a (task, seed) must share. ``source_config``: the hash of the source config that names the cache entry (it
 #: was called ``source_ckpt`` before; it names a recipe, not weights). ``train_threads``: torch CPU threads of
-#: the source training (results move across thread counts, see README "Determinism").
+#: the source training (results move across thread counts, see README "Determinism"). ``source_dice`` /
+#: ``source_flag``: the source model's in-domain mean Dice, and why it is below ``source_min_dice`` (or "").
 
 
 def config_hash(resolved: Mapping[str, Any]) -> str:

@@ -219,25 +219,21 @@ def _import(src: Path, overrides: Sequence[str], force: bool) -> int:
     if not src.is_file():
         raise UsageError(f"no file {src}; pass the .pt written by `sfdabench source export`")
     cfg, task, path = _resolve(overrides)
-    blob = _read_blob(src)
-    meta = blob["meta"]
-    seed = int(cfg["seed"])
+    incoming = load(src, cfg["source"], task.num_classes)  # readable, and it fits this config's architecture
+    meta, seed, key = incoming.meta, int(cfg["seed"]), path.stem.rsplit("-", 1)[-1]
     if meta.get("task") != task.name or int(meta.get("seed", -1)) != seed:
         raise UsageError(f"{src} is the source model of task {meta.get('task')} seed {meta.get('seed')}, not of "
                          f"task {task.name} seed {seed}; pass task={meta.get('task')} seed={meta.get('seed')}")
-    load(src, cfg["source"], task.num_classes)  # the architecture must fit this config's source recipe
-    incoming = weights_hash(src)
-    if path.is_file() and weights_hash(path) != incoming and not force:
-        raise UsageError(f"{path} already holds other source weights ({weights_hash(path)}, incoming {incoming}); "
-                         f"pass --force to replace them (runs made with the old weights keep their rows)")
+    if path.is_file() and weights_hash(path) != incoming.weights and not force:
+        raise UsageError(f"{path} already holds other source weights ({weights_hash(path)}, incoming "
+                         f"{incoming.weights}); pass --force to replace them (runs made with the old weights keep "
+                         f"their rows)")
     with results.locked(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
         atomic.write_bytes(path, lambda fh: fh.write(src.read_bytes()))
         results.write_json(sidecar(path), {"imported_from": str(src.resolve()), "imported_at": results.now_iso(),
                                            "exported_config_key": meta.get("key")})
-    if meta.get("key") != path.stem.rsplit("-", 1)[-1]:
+    if meta.get("key") != key:
         log.warning("imported weights were trained under source config %s; here they stand for %s "
-                    "(same task, seed and architecture; recipe settings may differ)", meta.get("key"),
-                    path.stem.rsplit("-", 1)[-1])
-    print(f"imported {src} -> {path} (source_weights {incoming})")
+                    "(same task, seed and architecture; recipe settings may differ)", meta.get("key"), key)
+    print(f"imported {src} -> {path} (source_weights {incoming.weights})")
     return 0
