@@ -1,8 +1,9 @@
 """``oracle``: supervised training on the *labelled* target-train split: an upper bound, NOT source-free.
 
 Rows of this method carry ``sfda = False``. It starts from the same source checkpoint (``init: source``)
-or from scratch (``init: scratch``) and trains with the recipe in its config (by default the source
-model's own recipe, so the only difference to the source model is the domain of the labels).
+or from scratch (``init: scratch``) and trains with the recipe ``recipe`` names: ``source`` (default), the
+source model's own recipe, so the only difference to the source model is the domain of the labels; or
+``dfg``, DFG's retraining recipe, which ``box_ceiling`` uses by default (label quality vs recipe).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 from sfdabench.api import Case, Context, Method, SliceDataset, TargetImages
 from sfdabench.hookspecs import hookimpl
 from sfdabench.nets import build_segmenter
-from sfdabench.training import train_supervised
+from sfdabench.training import train_supervised, training_recipe
 
 
 class Oracle(Method):
@@ -20,19 +21,24 @@ class Oracle(Method):
     name = "oracle"
     uses_target_labels = True
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.recipe_name, self.recipe = training_recipe(cfg, default="source")
+
     def variant(self) -> str:
-        return f"init-{self.cfg['init']}"
+        recipe = "" if self.recipe_name == "source" else f"+{self.recipe_name}-recipe"
+        return f"init-{self.cfg['init']}{recipe}"
 
     def adapt(self, source_model: nn.Module, target_train: TargetImages, context: Context) -> nn.Module:
-        if self.cfg["init"] == "scratch":
-            model = build_segmenter(self.cfg["train"], context.num_classes).to(context.device)
+        if self.cfg["init"] == "scratch":  # the source model's architecture, whatever the training recipe
+            model = build_segmenter(self.cfg["recipes"]["source"], context.num_classes).to(context.device)
         elif self.cfg["init"] == "source":
             model = source_model
         else:
             raise ValueError(f"oracle: init must be 'source' or 'scratch', got {self.cfg['init']!r}")
         cases = _labelled_cases(target_train, context)
         with context.phase("supervised_training"):
-            train_supervised(model, SliceDataset(cases, labels=True), self.cfg["train"], device=context.device,
+            train_supervised(model, SliceDataset(cases, labels=True), self.recipe, device=context.device,
                              generator=context.generator(), progress=context.progress, desc="oracle training")
         return model
 

@@ -2,9 +2,13 @@
 
 The grid (default, 17 variants, stage 3 on): FA on/off x box search naive/tbs/mbs/dbs x CP on/off, plus the
 "FA only" row; variants are named as ``DFG.variant()`` names them (``fa+dbs+cp``, ``nofa+naive+nocp``,
-``fa-only``; ``fa+dbs+nos3+cp`` turns stage 3 off). ``variants=[...]`` picks any subset, ``seeds=[...]`` the
-seeds. Every other argument is a Hydra override passed through to every run (``preset=test``, ``device=cpu``,
-``results_dir=...``, ``hydra/launcher=joblib hydra.launcher.n_jobs=2``, ``hydra/launcher=sfdabench_slurm``).
+``fa-only``; ``fa+dbs+nos3+cp`` turns stage 3 off). Box-search options append tokens after CP, in this order:
+``+ltol`` (change tolerances scaled by length), ``+reach`` (step limits scaled to the spec's reach; both for
+tbs/mbs/dbs), ``+guard-side`` / ``+guard-seed`` (twin guard), e.g. ``fa+dbs+cp+ltol+reach``.
+``variants=[...]`` picks any subset (``variants=search_options``: these options around fa+dbs+cp),
+``seeds=[...]`` the seeds. Every other argument is a Hydra override passed through to every run (``preset=test``,
+``device=cpu``, ``results_dir=...``, ``hydra/launcher=joblib hydra.launcher.n_jobs=2``,
+``hydra/launcher=sfdabench_slurm``).
 
 How runs are launched: each variant is registered as an option of the config group ``sfdabench_ablation``
 (Hydra ConfigStore, package ``_global_``) that sets DFG's switches, and the grid is one ordinary multirun,
@@ -39,9 +43,10 @@ GROUP = "sfdabench_ablation"
 SEARCHES = ("naive", "tbs", "mbs", "dbs")
 #: DFG's ablation switches: set by the grid, so an override of one would mislabel the grid's rows.
 SWITCH_KEYS = ("method.fa.enabled", "method.search.search", "method.search.stage3", "method.cp",
-               "method.stop_after_fa")
+               "method.stop_after_fa", "method.search.tolerance_scaling", "method.search.steps_scaling",
+               "method.search.twin_guard")
 _VARIANT = re.compile(r"^(?P<fa>fa|nofa)(?:(?P<only>-only)|\+(?P<search>naive|tbs|mbs|dbs)(?P<nos3>\+nos3)?"
-                      r"\+(?P<cp>cp|nocp))$")
+                      r"\+(?P<cp>cp|nocp)(?P<ltol>\+ltol)?(?P<reach>\+reach)?(?:\+guard-(?P<guard>side|seed))?)$")
 STAGE_LABELS = {"target_model": "PL before SAM", "sam": "PL after SAM", "cp": "PL after CP",
                 "gt_box_ceiling": "PL ceiling (GT boxes)", "class_keeping_ceiling": "PL ceiling (class-keeping)",
                 "efficiency": "box-search efficiency", "efficiency_class_keeping": "efficiency (class-keeping)"}
@@ -55,26 +60,42 @@ def default_grid() -> list[str]:
                           for cp in ("cp", "nocp")]
 
 
+def search_options_grid() -> list[str]:
+    """fa+dbs+cp and the box-search options around it (``variants=search_options``)."""
+    return ["fa+dbs+cp", "fa+dbs+cp+ltol", "fa+dbs+cp+reach", "fa+dbs+cp+ltol+reach", "fa+dbs+cp+guard-side",
+            "fa+dbs+cp+guard-seed"]
+
+
+#: Named grids for ``variants=<name>``.
+GRIDS = {"default": default_grid, "search_options": search_options_grid}
+
+
 def switches(variant: str) -> dict[str, Any]:
     """The ``method`` settings of a variant name (the inverse of ``DFG.variant()``)."""
     m = _VARIANT.match(variant)
-    if not m or (m["nos3"] and m["search"] not in ("mbs", "dbs")):
+    if m is None or (m["nos3"] and m["search"] not in ("mbs", "dbs")) or \
+            ((m["ltol"] or m["reach"]) and m["search"] == "naive"):
         raise UsageError(f"unknown DFG variant '{variant}'; names look like fa+dbs+cp, nofa+naive+nocp, "
-                         f"fa+mbs+nos3+cp (stage 3 off; mbs/dbs only) or fa-only; the default grid: "
+                         f"fa+mbs+nos3+cp (stage 3 off; mbs/dbs only), fa+dbs+cp+ltol+reach+guard-side (options "
+                         f"in this order; ltol and reach not for naive) or fa-only; the default grid: "
                          f"{','.join(default_grid())}")
     fa = {"enabled": m["fa"] == "fa"}
     if m["only"]:
         return {"fa": fa, "stop_after_fa": True}
-    return {"fa": fa, "search": {"search": m["search"], "stage3": not m["nos3"]}, "cp": m["cp"] == "cp",
-            "stop_after_fa": False}
+    search = {"search": m["search"], "stage3": not m["nos3"],
+              "tolerance_scaling": "length" if m["ltol"] else "area",
+              "steps_scaling": "reach" if m["reach"] else "fixed", "twin_guard": m["guard"] or "none"}
+    return {"fa": fa, "search": search, "cp": m["cp"] == "cp", "stop_after_fa": False}
 
 
 def switch_columns(variant: str) -> dict[str, Any]:
-    """fa, search, stage3, cp of a variant ("-" where the FA-only row has no such phase)."""
+    """fa, search, stage3, cp, tolerances, steps, guard of a variant ("-" where the FA-only row has no such
+    phase)."""
     sw = switches(variant)
     search = sw.get("search", {})
     return {"fa": sw["fa"]["enabled"], "search": search.get("search", "-"), "stage3": search.get("stage3", "-"),
-            "cp": sw.get("cp", "-")}
+            "cp": sw.get("cp", "-"), "tolerances": search.get("tolerance_scaling", "-"),
+            "steps": search.get("steps_scaling", "-"), "guard": search.get("twin_guard", "-")}
 
 
 def register_variants(variants: Sequence[str]) -> None:
@@ -95,7 +116,8 @@ HELP = """usage: sfdabench ablate task=<t> [seeds=[0,1,2]] [variants=[fa+dbs+cp,
                        [--config-dir DIR] [overrides]
 
 Run DFG's ablation grid (17 variants by default: FA on/off x box search naive/tbs/mbs/dbs x CP on/off, plus
-fa-only; fa+mbs+nos3+cp turns stage 3 off) over the seeds as one Hydra multirun, then write
+fa-only; fa+mbs+nos3+cp turns stage 3 off; box-search options append +ltol, +reach, +guard-side|seed, and
+variants=search_options runs them around fa+dbs+cp) over the seeds as one Hydra multirun, then write
 <results_dir>/ablations/<task>/ablation.{csv,md}. Finished runs are skipped; table_only=true only writes
 the table. Other overrides apply to every run (preset=test, device=cpu, hydra/launcher=joblib, ...)."""
 
@@ -118,7 +140,9 @@ def parse_args(args: Sequence[str]) -> tuple[list[int], list[str], bool, list[st
             except ValueError:
                 raise UsageError(f"seeds must be integers, e.g. seeds=[0,1,2]; got '{value}'") from None
         elif key in ("variants", "grid"):
-            variants = list(dict.fromkeys(_list(value)))
+            names = _list(value)
+            variants = list(dict.fromkeys(v for name in names
+                                          for v in (GRIDS[name]() if name in GRIDS else [name])))
         elif key == "table_only":
             table_only = value.lower() in ("1", "true", "yes")
         elif bare == "seed":

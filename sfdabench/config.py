@@ -409,6 +409,9 @@ def validate_config(cfg: Mapping[str, Any], registry=None) -> None:
     for key, example in (("epochs", 60), ("batch_size", 16), ("width", 16), ("depth", 4)):
         if key in source:
             _positive_int(source, key, example, label=f"source.{key}")
+    for key, example in (("steps", 1200), ("lr_step_every", 60)):
+        if key in source:
+            _positive_int(source, key, example, null_ok=True, label=f"source.{key}")
     if "lr" in source and (not isinstance(source["lr"], (int, float)) or isinstance(source["lr"], bool)
                            or not source["lr"] > 0):
         raise UsageError(f"source.lr must be a positive number, got {source['lr']!r}; e.g. source.lr=3e-4")

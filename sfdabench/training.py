@@ -99,6 +99,16 @@ class Augment:
 # ----------------------------------------------------------------------------------- training loop
 
 
+def training_recipe(cfg: Mapping[str, Any], default: str) -> tuple[str, Mapping[str, Any]]:
+    """(name, recipe) of a method config that offers several training recipes: ``cfg.recipe`` names one of
+    ``cfg.recipes`` (e.g. ``dfg``: DFG's retraining, ``source``: the source model's recipe)."""
+    recipes = cfg.get("recipes") or {}
+    name = str(cfg.get("recipe", default))
+    if name not in recipes:
+        raise ValueError(f"unknown recipe {name!r}; use method.recipe={' or method.recipe='.join(sorted(recipes))}")
+    return name, recipes[name]
+
+
 def make_optimizer(params: Iterable[nn.Parameter], cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=float(cfg["lr"]), betas=(0.9, 0.999),
                             weight_decay=float(cfg.get("weight_decay", 5e-4)))

@@ -62,7 +62,13 @@ def synthetic_cases(n: int, seed: int, size: int = 48, slices: int = 3) -> list[
 
 
 def dfg_cfg(**changes):
-    cfg = OmegaConf.load(REPO / "configs" / "method" / "dfg.yaml")
+    """dfg.yaml as Hydra composes it (its retraining recipe comes from configs/recipe/), tiny budgets."""
+    from sfdabench.config import compose_run_config
+
+    cfg = compose_run_config(["method=dfg"])
+    OmegaConf.resolve(cfg)
+    cfg = cfg.method
+    OmegaConf.set_struct(cfg, False)
     cfg.fa.iterations = 3
     cfg.fa.batch_size = 4
     cfg.retrain.epochs = 1

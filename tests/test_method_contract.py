@@ -2,7 +2,7 @@
 built-in or plugin, adapts on a tiny problem, returns a model with the right output shape, changes its
 parameters where it trains, and is deterministic for a fixed seed on CPU. A new method gets these for free.
 
-Budgets are shrunk generically: every ``epochs`` / ``iterations`` key of a method's config is set to 1-2 and
+Budgets are shrunk generically: every ``epochs`` / ``iterations`` / ``steps`` key of a method's config is set to 1-2 and
 every ``batch_size`` to 4, so a method only has to use those names to be tested quickly.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ def shrink_budget(node) -> None:
         value = node[key]
         if OmegaConf.is_dict(value):
             shrink_budget(value)
-        elif key in ("epochs", "iterations"):
+        elif key in ("epochs", "iterations") or (key == "steps" and value is not None):
             node[key] = min(int(value), 2)
         elif key == "batch_size":
             node[key] = 4

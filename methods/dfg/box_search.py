@@ -20,7 +20,32 @@ Choices of this implementation (documented; see also the report of the task that
   area, change tolerances) scale by ``H*W / reference_size**2`` and lengths (box margin, affinity radius,
   stage-3 growth) by ``H / reference_size``, rounded half-up, at least 1 - except the affinity radius, at least
   2, because radius 1 has no neighbour offset at all (``0 < dy^2+dx^2 < 1`` is empty) and nothing could grow.
-  Probability/cosine thresholds and step limits are resolution-free and never scaled.
+  Probability/cosine thresholds and step limits are resolution-free and never scaled (by default, see below).
+* **Tolerance scaling** (``tolerance_scaling``). ``area`` (default, as above) scales the five change tolerances
+  (``tbs_tol_*``, ``mbs_tol_*``) like areas. But they bound how many pixels two successive SAM masks differ by,
+  and such differences are boundary rings, whose size grows with the perimeter: ``length`` scales them by
+  ``H / reference_size`` like the box margin (at 128 px: TBS 8/18 and MBS 8/15/23 instead of 4/9 and 4/8/11).
+  ``existence_pixels`` and ``tbs_min_area`` measure areas and stay area-scaled either way.
+* **Step scaling** (``steps_scaling``). A growth step (TBS or MBS) moves the region by at most the longest
+  neighbour offset, ``affinity_radius - 1`` px along an axis. The clamp of the radius to 2 breaks the
+  proportion: at 128 px the spec's 3 px per step at 256 px would be 1.5 px, the scaled radius 2 reaches 1 px,
+  so the same ``max_steps`` give TBS/MBS 2/3 of the spec's reach. ``fixed`` (default) keeps ``max_steps`` as
+  written; ``reach`` multiplies every entry by (spec reach in this slice's pixels) / (actual reach)
+  = ``(affinity_radius - 1) * H / reference_size / (scaled affinity_radius - 1)``, rounded half-up, at least 1
+  (at 128 px x1.5: 38, 30, 30, 53). A no-op at the reference size or without ``scale_to_resolution``.
+* **Step limits by organ.** ``max_steps`` is a mapping organ name -> steps (``from_cfg`` orders it by the
+  task's organs, class ``i + 1`` = ``organs[i]``) or a list in class order.
+* **Twin guard** (``twin_guard``, not in the paper; default ``none``). SAM may hand a class the region of a
+  twin organ, e.g. the right-kidney search lands on the left kidney when the target model confuses the two.
+  A class whose search ended with a SAM mask is refused that mask and falls back (outcome "fallback",
+  ``ClassTrace.guard`` set) when
+  ``side``: its organ has a side in ``sides`` (the patient's side; every adapter's frame has column 0 = the
+  patient's right) and the mask's centroid column lies beyond the midline ``(W - 1) / 2`` on the other side;
+  the fallback is the target prediction of the class on its own half (columns <= or >= the midline);
+  ``seed``: the mask covers a pixel of the seed region (``largest_contour(P > max P - seed_delta)``) of
+  another class that passed the existence check; the fallback is the target prediction minus those seeds.
+  Organs without a side are not side-guarded; names in ``sides`` that are not task organs are ignored (the
+  sides come from the organ catalogue, ``task.sides``, which may list more organs than a task uses).
 * **No border quirk.** The original builds its neighbour table only from pixels with row <= 252 and
   3 <= col <= 252; here every pixel can be a "from" pixel (the spec calls the quirk an implementation detail).
 * **Missing SAM masks.** ``largest_contour`` returns none when SAM yields nothing. TBS skips such steps (spec);
@@ -54,6 +79,10 @@ from sfdabench.sam.masks import Box, box_around, largest_contour  # noqa: F401 (
 
 SEARCH_VARIANTS = ("naive", "tbs", "mbs", "dbs")
 OUTCOMES = ("absent", "sam", "fallback")
+TOLERANCE_SCALINGS = ("area", "length")
+STEPS_SCALINGS = ("fixed", "reach")
+TWIN_GUARDS = ("none", "side", "seed")
+SIDES = ("left", "right")          # the patient's side (column 0 of every slice = the patient's right)
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -80,6 +109,7 @@ class BoxSearchConfig:
     # TBS
     tbs_cos_threshold: float = 0.99
     max_steps: tuple[int, ...] = (25, 20, 20, 35)   # per foreground class, in class-index order
+    steps_scaling: str = "fixed"                     # fixed | reach (module docstring)
     tbs_tol_1step: int = 15
     tbs_tol_2step: int = 35
     tbs_min_area: int = 50
@@ -96,38 +126,65 @@ class BoxSearchConfig:
     score_background: float = 0.5
     score_sam: float = 2.0
     score_fallback: float = 1.0
+    # twin guard (module docstring)
+    twin_guard: str = "none"                         # none | side | seed
+    sides: tuple[str | None, ...] | None = None      # per foreground class: "left" | "right" | None
     # resolution scaling
     reference_size: int = 256
     scale_to_resolution: bool = True
+    tolerance_scaling: str = "area"                  # area | length: how the change tolerances scale
     #: (H, W) the pixel values were scaled for; None = unscaled (values as written, for reference_size).
     image_size: tuple[int, int] | None = None
 
-    _PIXEL_COUNTS = ("existence_pixels", "tbs_min_area", "tbs_tol_1step", "tbs_tol_2step",
-                     "mbs_tol_1step", "mbs_tol_2step", "mbs_tol_3step")
+    _AREAS = ("existence_pixels", "tbs_min_area")
+    _TOLERANCES = ("tbs_tol_1step", "tbs_tol_2step", "mbs_tol_1step", "mbs_tol_2step", "mbs_tol_3step")
+    _PIXEL_COUNTS = _AREAS + _TOLERANCES
     _LENGTHS = ("box_margin", "affinity_radius", "stage3_growth")
 
     @classmethod
-    def from_cfg(cls, cfg: Mapping[str, Any] | None, image_size: int | Sequence[int]) -> "BoxSearchConfig":
+    def from_cfg(cls, cfg: Mapping[str, Any] | None, image_size: int | Sequence[int],
+                 organs: Sequence[str] | None = None) -> "BoxSearchConfig":
         """Config from a mapping (plain dict or OmegaConf) of field values, scaled to ``image_size`` (H, W).
 
-        Unknown keys are an error (a typo would otherwise silently fall back to a default).
+        ``organs``: the task's organ names in label order (class ``i + 1`` = ``organs[i]``); needed when
+        ``max_steps`` or ``sides`` are given per organ name. Unknown keys are an error (a typo would otherwise
+        silently fall back to a default).
         """
         values = {str(k): cfg[k] for k in cfg} if cfg is not None else {}
         known = {f.name for f in fields(cls)} - {"image_size"}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown box-search settings {unknown}; valid: {sorted(known)}")
+        organs = None if organs is None else [str(o) for o in organs]
         if "max_steps" in values:
-            values["max_steps"] = tuple(int(s) for s in values["max_steps"])
+            values["max_steps"] = _steps_in_class_order(values["max_steps"], organs)
+        if "sides" in values:
+            values["sides"] = _sides_in_class_order(values["sides"], organs, values.get("twin_guard", "none"))
         return cls(**values).scaled_to(image_size)
 
     def __post_init__(self) -> None:
         if self.search not in SEARCH_VARIANTS:
             raise ValueError(f"box search {self.search!r} unknown; use one of {SEARCH_VARIANTS}")
+        for name, choices in (("tolerance_scaling", TOLERANCE_SCALINGS), ("steps_scaling", STEPS_SCALINGS),
+                              ("twin_guard", TWIN_GUARDS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} unknown; use one of {', '.join(choices)}")
         if not self.max_steps or min(self.max_steps) < 1:
             raise ValueError(f"max_steps must list at least one positive step limit, got {self.max_steps}")
         if self.affinity_radius < 1 or self.box_margin < 0 or self.reference_size < 1:
             raise ValueError("affinity_radius >= 1, box_margin >= 0 and reference_size >= 1 are required")
+        if self.sides is not None and any(s is not None and s not in SIDES for s in self.sides):
+            raise ValueError(f"sides must be 'left', 'right' or null per class, got {self.sides}")
+        if self.twin_guard == "side" and not any(self.sides or ()):
+            raise ValueError("twin_guard=side needs the patient's side of the organs, and none of this task's "
+                             "organs has one; set task.sides (see configs/organs/abdomen4.yaml) or "
+                             "method.search.sides={<organ>: left|right}")
+
+    def side_of(self, class_index: int) -> str | None:
+        """The patient's side of a class ("left" | "right"), None when it has none."""
+        if self.sides is None or not 1 <= class_index <= len(self.sides):
+            return None
+        return self.sides[class_index - 1]
 
     def scaled_to(self, image_size: int | Sequence[int]) -> "BoxSearchConfig":
         """The same config with pixel values for slices of ``image_size`` (see the module docstring)."""
@@ -138,12 +195,22 @@ class BoxSearchConfig:
             return replace(self, image_size=(height, width))
         area_scale = height * width / self.reference_size ** 2
         length_scale = height / self.reference_size
-        scaled: dict[str, int] = {}
-        for name in self._PIXEL_COUNTS:
+        # the change tolerances count boundary-ring pixels: by area (the default) or by length
+        tolerance_scale = length_scale if self.tolerance_scaling == "length" else area_scale
+        scaled: dict[str, Any] = {}
+        for name in self._AREAS:
             scaled[name] = max(1, _round_half_up(getattr(self, name) * area_scale))
+        for name in self._TOLERANCES:
+            scaled[name] = max(1, _round_half_up(getattr(self, name) * tolerance_scale))
         for name in self._LENGTHS:
             scaled[name] = max(1, _round_half_up(getattr(self, name) * length_scale))
         scaled["affinity_radius"] = max(2, scaled["affinity_radius"])  # radius 1 has no neighbours
+        if self.steps_scaling == "reach":
+            # spec reach per step in this slice's pixels / the scaled radius's reach, in integers until the
+            # one division so that x.5 products round half-up exactly
+            spec_reach = (self.affinity_radius - 1) * height
+            reach = self.reference_size * (scaled["affinity_radius"] - 1)
+            scaled["max_steps"] = tuple(max(1, _round_half_up(s * spec_reach / reach)) for s in self.max_steps)
         return replace(self, image_size=(height, width), **scaled)
 
     def max_steps_for(self, class_index: int) -> int:
@@ -156,6 +223,44 @@ class BoxSearchConfig:
 def _round_half_up(x: float) -> int:
     # Python's round() is banker's rounding (12.5 -> 12); half-up is the rule one would do by hand.
     return int(math.floor(x + 0.5))
+
+
+def _steps_in_class_order(steps: Any, organs: list[str] | None) -> tuple[int, ...]:
+    """``max_steps`` as a tuple in class order, from a mapping organ -> steps or a list in class order."""
+    if not isinstance(steps, Mapping):
+        return tuple(int(s) for s in steps)
+    named = {str(k): steps[k] for k in steps}
+    if organs is None:
+        raise ValueError(f"max_steps is given per organ ({', '.join(named)}) but the task's organ names are "
+                         f"unknown; pass organs=<names in label order> to BoxSearchConfig.from_cfg")
+    extra = [name for name in named if name not in organs]
+    if extra:
+        raise ValueError(f"max_steps has an entry for '{extra[0]}', which is not an organ of this task "
+                         f"({', '.join(organs)}); remove it with ~method.search.max_steps.{extra[0]} "
+                         f"or correct the name")
+    missing = [organ for organ in organs if organ not in named]
+    if missing:
+        raise ValueError(f"max_steps has no entry for organ {', '.join(repr(m) for m in missing)}; add "
+                         f"+method.search.max_steps.{missing[0]}=<steps>" + (" (and so on)" if missing[1:] else ""))
+    return tuple(int(named[organ]) for organ in organs)
+
+
+def _sides_in_class_order(sides: Any, organs: list[str] | None, twin_guard: str) -> tuple[str | None, ...] | None:
+    """``sides`` as a tuple in class order (None: no side), from a mapping organ -> side or a list."""
+    if sides is None:
+        return None
+    if not isinstance(sides, Mapping):
+        return tuple(None if s is None else str(s) for s in sides)
+    named = {str(k): None if sides[k] is None else str(sides[k]) for k in sides}
+    wrong = [name for name, side in named.items() if side is not None and side not in SIDES]
+    if wrong:
+        raise ValueError(f"sides.{wrong[0]}={named[wrong[0]]!r} is not a side of the patient; use left or right")
+    if organs is None:
+        if twin_guard == "side":
+            raise ValueError("twin_guard=side reads the sides per organ name, but the task's organ names are "
+                             "unknown; pass organs=<names in label order> to BoxSearchConfig.from_cfg")
+        return None          # unused
+    return tuple(named.get(organ) for organ in organs)   # names that are not task organs: ignored
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -177,7 +282,7 @@ class ClassTrace:
     """How one class of one slice was labelled (for diagnostics and the search figures)."""
 
     class_index: int
-    outcome: str                 # "absent" | "sam" | "fallback"
+    outcome: str                 # "absent" | "sam" | "fallback" (also when the twin guard refused SAM's mask)
     stage: str | None            # for "sam": "naive" | "tbs" | "mbs" | "stage3" | "mbs-fallback"
     reason: str                  # one line: why this outcome
     mask: np.ndarray             # bool (H, W): the class mask that went into the merge
@@ -186,6 +291,8 @@ class ClassTrace:
     decoder_calls: int = 0
     cache_hits: int = 0
     mbs_threshold: float | None = None   # centroid-distance threshold of MBS, when MBS ran
+    guard: str | None = None             # "side" | "seed": the twin guard refused SAM's mask (a fallback)
+    refused_step: int | None = None      # index into steps of the refused mask
 
     @property
     def boxes(self) -> list[Box]:
@@ -346,6 +453,7 @@ class _SliceContext:
         self.offsets = neighbour_offsets(cfg.affinity_radius)
         self._tbs_accepts: np.ndarray | None = None
         self._sam_features: np.ndarray | None = None
+        self._seeds: dict[int, np.ndarray] | None = None
 
     @property
     def tbs_accepts(self) -> np.ndarray:
@@ -361,6 +469,20 @@ class _SliceContext:
         if self._sam_features is None:
             self._sam_features = sam_feature_map(self.sam, self.embedding, self.size)
         return self._sam_features
+
+    @property
+    def seeds(self) -> dict[int, np.ndarray]:
+        """Seed region of every class that passes the existence check (for the seed twin guard), once per slice."""
+        if self._seeds is None:
+            cfg = self.cfg
+            self._seeds = {}
+            for c in range(1, len(self.probs)):
+                prob = self.probs[c]
+                if np.count_nonzero(prob > cfg.existence_prob) >= cfg.existence_pixels:
+                    region = largest_contour(prob > prob.max() - cfg.seed_delta)
+                    if region is not None:
+                        self._seeds[c] = region
+        return self._seeds
 
 
 class _ClassSearch:
@@ -409,9 +531,46 @@ class _ClassSearch:
 
     def finish(self, outcome: str, reason: str, stage: str | None = None, step: int | None = None) -> ClassTrace:
         mask = self.masks[step] if outcome == "sam" else self.ctx.prediction == self.c
+        if outcome == "sam" and self.cfg.twin_guard != "none":
+            refusal = self.twin_refusal(mask)
+            if refusal is not None:
+                refusal_reason, fallback = refusal
+                return ClassTrace(class_index=self.c, outcome="fallback", stage=None,
+                                  reason=f"twin guard ({self.cfg.twin_guard}): {reason} refused, {refusal_reason}",
+                                  mask=fallback, steps=self.steps, decoder_calls=self.decoder_calls,
+                                  cache_hits=self.cache_hits, mbs_threshold=self.mbs_threshold,
+                                  guard=self.cfg.twin_guard, refused_step=step)
         return ClassTrace(class_index=self.c, outcome=outcome, stage=stage, reason=reason, mask=mask,
                           steps=self.steps, selected_step=step, decoder_calls=self.decoder_calls,
                           cache_hits=self.cache_hits, mbs_threshold=self.mbs_threshold)
+
+    def twin_refusal(self, mask: np.ndarray) -> tuple[str, np.ndarray] | None:
+        """(why, fallback mask) when the twin guard refuses SAM's mask for this class, else None."""
+        prediction = self.ctx.prediction == self.c
+        if self.cfg.twin_guard == "side":
+            side = self.cfg.side_of(self.c)
+            if side is None:
+                return None
+            midline = (self.ctx.size[1] - 1) / 2          # column 0 = the patient's right
+            centroid = float(np.nonzero(mask)[1].mean())
+            if (centroid > midline) if side == "right" else (centroid < midline):
+                columns = np.arange(self.ctx.size[1])[None]
+                own_half = columns <= midline if side == "right" else columns >= midline
+                other = "left" if side == "right" else "right"
+                return (f"its centroid (column {centroid:.1f}) is on the patient's {other} half, the organ's "
+                        f"side is the {side}: target prediction on the {side} half kept", prediction & own_half)
+            return None
+        # "seed": SAM's mask reaches into where another class is most certain
+        others = [k for k, seed in self.ctx.seeds.items() if k != self.c and (mask & seed).any()]
+        if not others:
+            return None
+        foreign = np.zeros_like(mask)
+        for k, seed in self.ctx.seeds.items():
+            if k != self.c:
+                foreign |= seed
+        covered = ", ".join(f"{int(np.count_nonzero(mask & self.ctx.seeds[k]))} px of class {k}" for k in others)
+        return (f"it covers the seed region of another class ({covered}): target prediction minus the other "
+                f"classes' seeds kept", prediction & ~foreign)
 
     # -- spec 4.3
     def run(self) -> ClassTrace:

@@ -16,7 +16,10 @@ is only *measured* (pseudo-label Dice before SAM, after SAM, after CP, and the g
 the SAM backend with the search's box margin, ``box_ceiling: true``) and never reaches a decision.
 
 Ablation switches (config): ``fa.enabled``, ``search.search`` (naive | tbs | mbs | dbs), ``search.stage3``,
-``cp``, and ``stop_after_fa`` (the "FA only" row). The variant name lists them, e.g. ``fa+dbs+cp``.
+``cp``, and ``stop_after_fa`` (the "FA only" row). The variant name lists them, e.g. ``fa+dbs+cp``. Box-search
+options away from their defaults append a token, in this order: ``+ltol`` (``search.tolerance_scaling:
+length``), ``+reach`` (``search.steps_scaling: reach``; both for tbs/mbs/dbs only, naive uses neither) and
+``+guard-side`` / ``+guard-seed`` (``search.twin_guard``), e.g. ``fa+dbs+cp+ltol+guard-side``.
 """
 from __future__ import annotations
 
@@ -28,6 +31,14 @@ from sfdabench.training import train_supervised
 from .feature_aggregation import feature_aggregation
 from .postprocess import connectivity_postprocess
 from .pseudo_labels import refine_pseudo_labels
+
+
+#: (search setting, default, value -> variant-name token) in name order; "" for the default value.
+_SEARCH_OPTION_TOKENS = (
+    ("tolerance_scaling", "area", {"area": "", "length": "ltol"}),
+    ("steps_scaling", "fixed", {"fixed": "", "reach": "reach"}),
+    ("twin_guard", "none", {"none": "", "side": "guard-side", "seed": "guard-seed"}),
+)
 
 
 class DFG(Method):
@@ -48,6 +59,14 @@ class DFG(Method):
         if search["search"] in ("mbs", "dbs") and not search["stage3"]:
             parts.append("nos3")
         parts.append("cp" if self.cfg["cp"] else "nocp")
+        # the defaults add nothing, so the names of the paper's variants never change
+        tokens = _SEARCH_OPTION_TOKENS if search["search"] != "naive" else _SEARCH_OPTION_TOKENS[-1:]
+        for key, default, names in tokens:
+            value = str(search.get(key, default))
+            if value not in names:
+                raise ValueError(f"search.{key}={value!r} unknown; use one of {', '.join(names)}")
+            if names[value]:
+                parts.append(names[value])
         return "+".join(parts)
 
     def adapt(self, source_model: nn.Module, target_train: TargetImages, context: Context) -> nn.Module:

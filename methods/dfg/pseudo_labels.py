@@ -46,7 +46,7 @@ def refine_pseudo_labels(model: nn.Module, target_train: TargetImages, search_cf
     shapes = target_train.shapes
     raw = [np.zeros(s, dtype=np.uint8) for s in shapes]
     refined = [np.zeros(s, dtype=np.uint8) for s in shapes]
-    cfg = BoxSearchConfig.from_cfg(search_cfg, shapes[0][1:])
+    cfg = BoxSearchConfig.from_cfg(search_cfg, shapes[0][1:], organs=context.organs)
     draw = figure_slices(len(target_train), figures)
     outcomes: dict[str, collections.Counter] = {o: collections.Counter() for o in context.organs}
     totals = collections.Counter()
@@ -74,7 +74,9 @@ def refine_pseudo_labels(model: nn.Module, target_train: TargetImages, search_cf
             index += 1
     stats = {
         "search": cfg.search, "stage3": cfg.stage3, "slices": index,
-        "scaled_settings": {n: getattr(cfg, n) for n in cfg._PIXEL_COUNTS + cfg._LENGTHS},
+        "tolerance_scaling": cfg.tolerance_scaling, "steps_scaling": cfg.steps_scaling, "twin_guard": cfg.twin_guard,
+        "scaled_settings": {**{n: getattr(cfg, n) for n in cfg._PIXEL_COUNTS + cfg._LENGTHS},
+                            "max_steps": dict(zip(context.organs, cfg.max_steps))},
         "outcomes": {organ: dict(c) for organ, c in outcomes.items()},
         "decoder_calls": totals["decoder_calls"], "decoder_cache_hits": totals["cache_hits"],
         "decoder_calls_per_slice": totals["decoder_calls"] / max(index, 1),
@@ -85,7 +87,8 @@ def refine_pseudo_labels(model: nn.Module, target_train: TargetImages, search_cf
 
 def _count(result: SliceResult, organs, outcomes, totals) -> None:
     for c, trace in result.classes.items():
-        key = trace.outcome if trace.outcome != "sam" else f"sam:{trace.stage}"
+        # "guarded": a fallback because the twin guard refused SAM's mask (kept apart from plain fallbacks)
+        key = "guarded" if trace.guard else trace.outcome if trace.outcome != "sam" else f"sam:{trace.stage}"
         outcomes[organs[c - 1]][key] += 1
     totals["decoder_calls"] += result.decoder_calls
     totals["cache_hits"] += result.cache_hits
