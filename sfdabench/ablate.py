@@ -88,6 +88,11 @@ def switches(variant: str) -> dict[str, Any]:
     return {"fa": fa, "search": search, "cp": m["cp"] == "cp", "stop_after_fa": False}
 
 
+#: (column, Markdown header, default) of the box-search options that are sfdabench's, not the paper's.
+SEARCH_OPTION_COLUMNS = (("tolerances", "tolerances", "area"), ("steps", "step limits", "fixed"),
+                         ("guard", "twin guard", "none"))
+
+
 def switch_columns(variant: str) -> dict[str, Any]:
     """fa, search, stage3, cp, tolerances, steps, guard of a variant ("-" where the FA-only row has no such
     phase)."""
@@ -265,7 +270,10 @@ def ablation_markdown(table: pd.DataFrame, task: str, seeds: Sequence[int], miss
     organs = [o for o in dict.fromkeys(table["organ"]) if o != "mean"]
     stages = [c[3:-5] for c in table.columns if c.startswith("pl_") and c.endswith("_mean")]
     stages = sorted(stages, key=lambda s: list(STAGE_LABELS).index(s) if s in STAGE_LABELS else len(STAGE_LABELS))
-    header = ["variant", "FA", "search", "CP", "seeds", *organs, "mean",
+    # sfdabench's search options get columns only when a row of the table sets one off its default
+    options = [(key, label, default) for key, label, default in SEARCH_OPTION_COLUMNS
+               if key in table.columns and (~table[key].isin([default, "-"])).any()]
+    header = ["variant", "FA", "search", "CP", *[label for _, label, _ in options], "seeds", *organs, "mean",
               *[STAGE_LABELS.get(s, f"PL {s}") for s in stages]]
     lines = []
     for variant, g in table.groupby("variant", sort=False):
@@ -273,7 +281,8 @@ def ablation_markdown(table: pd.DataFrame, task: str, seeds: Sequence[int], miss
         first = g.iloc[0]
         fa_only = first["search"] == "-"
         cells = [variant, "yes" if first["fa"] else "no", "(stop after FA)" if fa_only else first["search"],
-                 "-" if fa_only else ("yes" if first["cp"] else "no"), str(int(g["n_seeds"].max()))]
+                 "-" if fa_only else ("yes" if first["cp"] else "no"),
+                 *[str(first[key]) for key, _, _ in options], str(int(g["n_seeds"].max()))]
         cells += [lb.cell(by_organ, o, "dice") for o in organs + ["mean"]]
         for stage in stages:
             mean_row = by_organ.loc["mean"] if "mean" in by_organ.index else None
@@ -285,7 +294,8 @@ def ablation_markdown(table: pd.DataFrame, task: str, seeds: Sequence[int], miss
             f"seeds {', '.join(map(str, seeds))}. PL: pseudo-label Dice (mean over organs) on target-train "
             f"against its ground truth (measured only, never used by the method). PL ceiling: SAM prompted with "
             f"the ground-truth boxes; box-search efficiency: PL after SAM / PL ceiling (mean row).\n\n")
-    text += lb.markdown_table(header, lines, ["l"] * 4 + ["r"] * (len(header) - 4)) if lines else "(no runs yet)"
+    left = 4 + len(options)
+    text += lb.markdown_table(header, lines, ["l"] * left + ["r"] * (len(header) - left)) if lines else "(no runs yet)"
     if missing:
         text += f"\n\nMissing runs ({len(missing)}): {', '.join(missing)}"
     return text + "\n"

@@ -345,6 +345,18 @@ def test_ablation_table_from_runs_and_pseudo_label_dice(tmp_path):
     assert (res / "ablations" / "phantom_mri2ct" / "ablation.md").read_text() == text
 
 
+def test_ablation_table_shows_search_options_only_when_a_row_sets_one(tmp_path):
+    res = tmp_path / "res"
+    expected = [{"variant": v, "seed": 0, "run_id": write_run(res, method="dfg", variant=v, seed=0,
+                                                               dice={"spleen": [0.5 + i / 10]})}
+                for i, v in enumerate(("fa+dbs+cp", "fa+dbs+cp+ltol", "fa+dbs+cp+guard-side"))]
+    text, missing = ablate.write_table(pd.DataFrame(expected), res, "phantom_mri2ct", [0])
+    assert not missing
+    assert "| variant | FA | search | CP | tolerances | twin guard | seeds |" in text    # steps all default
+    assert "| fa+dbs+cp+ltol | yes | dbs | yes | length | none | 1 |" in text
+    assert "| fa+dbs+cp+guard-side | yes | dbs | yes | area | side | 1 |" in text
+
+
 @pytest.fixture(scope="module")
 def shared_cache(tmp_path_factory) -> Path:
     """One source-checkpoint cache for the real runs below (same task, seed and source settings)."""
