@@ -34,7 +34,7 @@ class BoxCeiling(Method):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.recipe_name, self.recipe = training_recipe(cfg, default="dfg")
+        self.recipe_name, self.recipe = training_recipe(cfg)
 
     def variant(self) -> str:
         return "gt-box" if self.recipe_name == "dfg" else f"gt-box+{self.recipe_name}-recipe"

@@ -23,7 +23,7 @@ class Oracle(Method):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.recipe_name, self.recipe = training_recipe(cfg, default="source")
+        self.recipe_name, self.recipe = training_recipe(cfg)
 
     def variant(self) -> str:
         recipe = "" if self.recipe_name == "source" else f"+{self.recipe_name}-recipe"

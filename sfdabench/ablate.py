@@ -88,9 +88,8 @@ def switches(variant: str) -> dict[str, Any]:
     return {"fa": fa, "search": search, "cp": m["cp"] == "cp", "stop_after_fa": False}
 
 
-#: (column, Markdown header, default) of the box-search options that are sfdabench's, not the paper's.
-SEARCH_OPTION_COLUMNS = (("tolerances", "tolerances", "area"), ("steps", "step limits", "fixed"),
-                         ("guard", "twin guard", "none"))
+#: (column, Markdown header) of the box-search options that are sfdabench's, not the paper's.
+SEARCH_OPTION_COLUMNS = (("tolerances", "tolerances"), ("steps", "step limits"), ("guard", "twin guard"))
 
 
 def switch_columns(variant: str) -> dict[str, Any]:
@@ -271,9 +270,11 @@ def ablation_markdown(table: pd.DataFrame, task: str, seeds: Sequence[int], miss
     stages = [c[3:-5] for c in table.columns if c.startswith("pl_") and c.endswith("_mean")]
     stages = sorted(stages, key=lambda s: list(STAGE_LABELS).index(s) if s in STAGE_LABELS else len(STAGE_LABELS))
     # sfdabench's search options get columns only when a row of the table sets one off its default
-    options = [(key, label, default) for key, label, default in SEARCH_OPTION_COLUMNS
-               if key in table.columns and (~table[key].isin([default, "-"])).any()]
-    header = ["variant", "FA", "search", "CP", *[label for _, label, _ in options], "seeds", *organs, "mean",
+    # (the defaults are the paper's variant's values, so they are stated once, by switches())
+    paper = switch_columns("fa+dbs+cp")
+    options = [(key, label) for key, label in SEARCH_OPTION_COLUMNS
+               if key in table.columns and (~table[key].isin([paper[key], "-"])).any()]
+    header = ["variant", "FA", "search", "CP", *[label for _, label in options], "seeds", *organs, "mean",
               *[STAGE_LABELS.get(s, f"PL {s}") for s in stages]]
     lines = []
     for variant, g in table.groupby("variant", sort=False):
@@ -282,7 +283,7 @@ def ablation_markdown(table: pd.DataFrame, task: str, seeds: Sequence[int], miss
         fa_only = first["search"] == "-"
         cells = [variant, "yes" if first["fa"] else "no", "(stop after FA)" if fa_only else first["search"],
                  "-" if fa_only else ("yes" if first["cp"] else "no"),
-                 *[str(first[key]) for key, _, _ in options], str(int(g["n_seeds"].max()))]
+                 *[str(first[key]) for key, _ in options], str(int(g["n_seeds"].max()))]
         cells += [lb.cell(by_organ, o, "dice") for o in organs + ["mean"]]
         for stage in stages:
             mean_row = by_organ.loc["mean"] if "mean" in by_organ.index else None

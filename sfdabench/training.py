@@ -99,11 +99,11 @@ class Augment:
 # ----------------------------------------------------------------------------------- training loop
 
 
-def training_recipe(cfg: Mapping[str, Any], default: str) -> tuple[str, Mapping[str, Any]]:
+def training_recipe(cfg: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
     """(name, recipe) of a method config that offers several training recipes: ``cfg.recipe`` names one of
     ``cfg.recipes`` (e.g. ``dfg``: DFG's retraining, ``source``: the source model's recipe)."""
     recipes = cfg.get("recipes") or {}
-    name = str(cfg.get("recipe", default))
+    name = str(cfg.get("recipe"))   # the method's config file names its default
     if name not in recipes:
         raise ValueError(f"unknown recipe {name!r}; use method.recipe={' or method.recipe='.join(sorted(recipes))}")
     return name, recipes[name]
