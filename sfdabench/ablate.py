@@ -4,7 +4,9 @@ The grid (default, 17 variants, stage 3 on): FA on/off x box search naive/tbs/mb
 "FA only" row; variants are named as ``DFG.variant()`` names them (``fa+dbs+cp``, ``nofa+naive+nocp``,
 ``fa-only``; ``fa+dbs+nos3+cp`` turns stage 3 off). Box-search options append tokens after CP, in this order:
 ``+ltol`` (change tolerances scaled by length), ``+reach`` (step limits scaled to the spec's reach; both for
-tbs/mbs/dbs), ``+guard-side`` / ``+guard-seed`` (twin guard), e.g. ``fa+dbs+cp+ltol+reach``.
+tbs/mbs/dbs), ``+cover-pred50`` / ``+cover-region80`` (a mask counts as stable only when it covers that
+percentage of the predicted components / of the search region; tbs/mbs/dbs), ``+guard-side`` / ``+guard-seed``
+(twin guard), e.g. ``fa+dbs+cp+ltol+reach``.
 ``variants=[...]`` picks any subset (``variants=search_options``: these options around fa+dbs+cp),
 ``seeds=[...]`` the seeds. Every other argument is a Hydra override passed through to every run (``preset=test``,
 ``device=cpu``, ``results_dir=...``, ``hydra/launcher=joblib hydra.launcher.n_jobs=2``,
@@ -44,9 +46,11 @@ SEARCHES = ("naive", "tbs", "mbs", "dbs")
 #: DFG's ablation switches: set by the grid, so an override of one would mislabel the grid's rows.
 SWITCH_KEYS = ("method.fa.enabled", "method.search.search", "method.search.stage3", "method.cp",
                "method.stop_after_fa", "method.search.tolerance_scaling", "method.search.steps_scaling",
-               "method.search.twin_guard")
+               "method.search.twin_guard", "method.search.min_coverage", "method.search.coverage_of")
 _VARIANT = re.compile(r"^(?P<fa>fa|nofa)(?:(?P<only>-only)|\+(?P<search>naive|tbs|mbs|dbs)(?P<nos3>\+nos3)?"
-                      r"\+(?P<cp>cp|nocp)(?P<ltol>\+ltol)?(?P<reach>\+reach)?(?:\+guard-(?P<guard>side|seed))?)$")
+                      r"\+(?P<cp>cp|nocp)(?P<ltol>\+ltol)?(?P<reach>\+reach)?"
+                      r"(?:\+cover-(?P<cover_of>pred|region)(?P<cover>100|[1-9][0-9]?))?"
+                      r"(?:\+guard-(?P<guard>side|seed))?)$")
 STAGE_LABELS = {"target_model": "PL before SAM", "sam": "PL after SAM", "cp": "PL after CP",
                 "gt_box_ceiling": "PL ceiling (GT boxes)", "class_keeping_ceiling": "PL ceiling (class-keeping)",
                 "efficiency": "box-search efficiency", "efficiency_class_keeping": "efficiency (class-keeping)"}
@@ -62,8 +66,8 @@ def default_grid() -> list[str]:
 
 def search_options_grid() -> list[str]:
     """fa+dbs+cp and the box-search options around it (``variants=search_options``)."""
-    return ["fa+dbs+cp", "fa+dbs+cp+ltol", "fa+dbs+cp+reach", "fa+dbs+cp+ltol+reach", "fa+dbs+cp+guard-side",
-            "fa+dbs+cp+guard-seed"]
+    return ["fa+dbs+cp", "fa+dbs+cp+ltol", "fa+dbs+cp+reach", "fa+dbs+cp+ltol+reach", "fa+dbs+cp+cover-pred50",
+            "fa+dbs+cp+cover-region80", "fa+dbs+cp+guard-side", "fa+dbs+cp+guard-seed"]
 
 
 #: Named grids for ``variants=<name>``.
@@ -74,22 +78,27 @@ def switches(variant: str) -> dict[str, Any]:
     """The ``method`` settings of a variant name (the inverse of ``DFG.variant()``)."""
     m = _VARIANT.match(variant)
     if m is None or (m["nos3"] and m["search"] not in ("mbs", "dbs")) or \
-            ((m["ltol"] or m["reach"]) and m["search"] == "naive"):
+            ((m["ltol"] or m["reach"] or m["cover"]) and m["search"] == "naive"):
         raise UsageError(f"unknown DFG variant '{variant}'; names look like fa+dbs+cp, nofa+naive+nocp, "
-                         f"fa+mbs+nos3+cp (stage 3 off; mbs/dbs only), fa+dbs+cp+ltol+reach+guard-side (options "
-                         f"in this order; ltol and reach not for naive) or fa-only; the default grid: "
+                         f"fa+mbs+nos3+cp (stage 3 off; mbs/dbs only), fa+dbs+cp+ltol+reach+cover-pred50+guard-side "
+                         f"(options in this order; ltol, reach and cover not for naive) or fa-only; the default "
+                         f"grid: "
                          f"{','.join(default_grid())}")
     fa = {"enabled": m["fa"] == "fa"}
     if m["only"]:
         return {"fa": fa, "stop_after_fa": True}
     search = {"search": m["search"], "stage3": not m["nos3"],
               "tolerance_scaling": "length" if m["ltol"] else "area",
-              "steps_scaling": "reach" if m["reach"] else "fixed", "twin_guard": m["guard"] or "none"}
+              "steps_scaling": "reach" if m["reach"] else "fixed",
+              "min_coverage": int(m["cover"]) / 100 if m["cover"] else 0.0,
+              "coverage_of": "prediction" if m["cover_of"] == "pred" else "region",
+              "twin_guard": m["guard"] or "none"}
     return {"fa": fa, "search": search, "cp": m["cp"] == "cp", "stop_after_fa": False}
 
 
 #: (column, Markdown header) of the box-search options that are sfdabench's, not the paper's.
-SEARCH_OPTION_COLUMNS = (("tolerances", "tolerances"), ("steps", "step limits"), ("guard", "twin guard"))
+SEARCH_OPTION_COLUMNS = (("tolerances", "tolerances"), ("steps", "step limits"), ("coverage", "coverage"),
+                         ("guard", "twin guard"))
 
 
 def switch_columns(variant: str) -> dict[str, Any]:
@@ -99,7 +108,17 @@ def switch_columns(variant: str) -> dict[str, Any]:
     search = sw.get("search", {})
     return {"fa": sw["fa"]["enabled"], "search": search.get("search", "-"), "stage3": search.get("stage3", "-"),
             "cp": sw.get("cp", "-"), "tolerances": search.get("tolerance_scaling", "-"),
-            "steps": search.get("steps_scaling", "-"), "guard": search.get("twin_guard", "-")}
+            "steps": search.get("steps_scaling", "-"), "coverage": _coverage_label(search),
+            "guard": search.get("twin_guard", "-")}
+
+
+def _coverage_label(search: dict[str, Any]) -> str:
+    """"off", "pred 0.5", "region 0.8" ("-" for the FA-only row)."""
+    if "min_coverage" not in search:
+        return "-"
+    if not search["min_coverage"]:
+        return "off"
+    return f"{'pred' if search['coverage_of'] == 'prediction' else 'region'} {search['min_coverage']:g}"
 
 
 def register_variants(variants: Sequence[str]) -> None:

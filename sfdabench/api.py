@@ -177,6 +177,7 @@ class Context:
                  pseudo_label_scorer: Callable[[list[np.ndarray]], dict[str, float]] | None = None,
                  box_ceiling: Callable[..., tuple[dict[str, float], dict]] | None = None,
                  pseudo_label_confusion: Callable[[list[np.ndarray]], dict] | None = None,
+                 pseudo_label_group_scorer: Callable[[list[np.ndarray], Mapping], dict] | None = None,
                  allow_labels: bool = False, progress: bool = True):
         self.device = device
         self.seed = seed
@@ -194,6 +195,7 @@ class Context:
         self._scorer = pseudo_label_scorer
         self._box_ceiling = box_ceiling
         self._confusion = pseudo_label_confusion
+        self._group_scorer = pseudo_label_group_scorer
         self._allow_labels = allow_labels
         self.log = log
 
@@ -243,6 +245,17 @@ class Context:
             self.diagnostics.setdefault("pseudo_label_confusion", {})[stage] = self._confusion(volumes)
         self._stage_volumes[stage] = volumes
         return scores
+
+    def pseudo_label_quality_by_group(self, stage: str, volumes: list[np.ndarray],
+                                      groups: Mapping[str, Sequence[Sequence[str]]]) -> None:
+        """Score pseudo-label volumes per organ on groups of slices the method names, e.g. by the search
+        outcome that labelled the organ there: ``groups[organ][case][z]`` (TargetImages order). Recorded
+        under ``pseudo_label_by_group/<stage>`` as ``{organ: {group: {slices, gt_pixels, pixels, recall,
+        precision, dice}}}``. Measurement only: nothing is returned. Score several stages with the same
+        groups to see what a stage did to the slices of each group (e.g. the target prediction vs SAM's)."""
+        if self._group_scorer is None:
+            return
+        self.diagnostics.setdefault("pseudo_label_by_group", {})[stage] = self._group_scorer(volumes, groups)
 
     def compare_with_box_ceiling(self, stage: str, *, margin: int, classes_from: str | None = None) -> None:
         """Measure how close a box search came to its ceilings (measurement only, nothing is returned).

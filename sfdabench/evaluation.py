@@ -75,6 +75,34 @@ def dice_per_organ(predictions: Sequence[np.ndarray], labels: Sequence[np.ndarra
     return out
 
 
+def quality_by_slice_group(predictions: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+                           organs: Sequence[str], groups: Mapping[str, Sequence[Sequence[str]]]
+                           ) -> dict[str, dict[str, dict[str, float]]]:
+    """Pseudo-label quality of each organ on the slices of each group (e.g. the box-search outcome that
+    labelled the organ on that slice): ``{organ: {group: {slices, gt_pixels, pixels, recall, precision,
+    dice}}}``, pixels pooled over the group's slices. ``groups[organ][case][z]`` names the group of slice z
+    of a case (in ``predictions`` order). Recall/precision are NaN where their denominator is 0; Dice is NaN
+    when both masks are empty on all the group's slices."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for k, organ in enumerate(organs, start=1):
+        if organ not in groups:
+            continue
+        tallies: dict[str, np.ndarray] = {}
+        for p, g, names in zip(predictions, labels, groups[organ]):
+            a, b = (p == k).reshape(len(p), -1), (g == k).reshape(len(g), -1)
+            per_slice = np.stack([np.ones(len(p)), (a & b).sum(1), a.sum(1), b.sum(1)], axis=1)
+            for z, name in enumerate(names):
+                tallies.setdefault(str(name), np.zeros(4))
+                tallies[str(name)] += per_slice[z]
+        out[organ] = {}
+        for name, (n, tp, pixels, gt) in sorted(tallies.items()):
+            out[organ][name] = {"slices": int(n), "gt_pixels": int(gt), "pixels": int(pixels),
+                                "recall": float(tp / gt) if gt else float("nan"),
+                                "precision": float(tp / pixels) if pixels else float("nan"),
+                                "dice": float(2 * tp / (gt + pixels)) if gt + pixels else float("nan")}
+    return out
+
+
 def label_confusion(predictions: Sequence[np.ndarray], labels: Sequence[np.ndarray], organs: Sequence[str]
                     ) -> dict[str, dict[str, float]]:
     """Where each ground-truth class went: ``{gt_class: {predicted_class: fraction of gt_class voxels}}`` over

@@ -19,7 +19,7 @@ import torch
 from sfdabench import results, source_model
 from sfdabench.determinism import seed_everything, use_deterministic_kernels
 from sfdabench.api import Case, Context, Method, SfdaBenchError, TargetImages, _plain
-from sfdabench.evaluation import dice_per_organ, evaluate, label_confusion
+from sfdabench.evaluation import dice_per_organ, evaluate, label_confusion, quality_by_slice_group
 from sfdabench.plugins import Registry, get_registry
 
 log = logging.getLogger("sfdabench")
@@ -174,6 +174,8 @@ def _execute(cfg: Mapping[str, Any], registry: Registry, run_dirs: list[Path]) -
         if labelled else None,
         pseudo_label_confusion=(lambda vols: label_confusion(vols, [c.label for c in target_train], task.organs))
         if labelled else None,
+        pseudo_label_group_scorer=(lambda vols, groups: quality_by_slice_group(
+            vols, [c.label for c in target_train], task.organs, groups)) if labelled else None,
         allow_labels=method_cls.uses_target_labels, progress=progress_enabled)
     seed_everything(seed)
     t0 = time.perf_counter()

@@ -53,7 +53,16 @@ def config_key(task, source_cfg: Mapping[str, Any], seed: int) -> str:
     adapter = task.source.dataset
     data_fp = adapter.fingerprint(adapter.case_ids("train"))
     return stable_hash({"task": task.name, "organs": task.organs, "data": data_fp, "seed": seed,
-                        "source": _plain(source_cfg)})
+                        "source": recipe_of(source_cfg)})
+
+
+def recipe_of(source_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The source config without the budget keys the training loop ignores (``epochs`` and
+    ``lr_step_epochs`` when the budget is in ``steps``), so the cache key names only what makes the weights."""
+    recipe = _plain(source_cfg)
+    if recipe.get("steps") is not None:
+        recipe = {k: v for k, v in recipe.items() if k not in ("epochs", "lr_step_epochs")}
+    return recipe
 
 
 def cache_path(task, source_cfg: Mapping[str, Any], seed: int, cache_dir: Path) -> Path:

@@ -127,3 +127,28 @@ def test_label_confusion_shows_twin_swaps_and_misses():
     assert conf["spleen"]["background"] == 1.0
     assert all(v != v for v in conf["left_kidney"].values())      # absent from the ground truth: NaN row
     assert confusion_highlights(conf) == ["spleen->background 1.00", "right_kidney->left_kidney 1.00"]
+
+
+def test_quality_by_slice_group_pools_the_pixels_of_each_group():
+    from sfdabench.evaluation import quality_by_slice_group
+
+    rng = np.random.default_rng(0)
+    organs = ["a", "b"]
+    labels = [rng.integers(0, 3, (4, 6, 6)).astype(np.uint8) for _ in range(2)]
+    preds = [rng.integers(0, 3, (4, 6, 6)).astype(np.uint8) for _ in range(2)]
+    groups = {"a": [["x", "y", "x", "x"], ["y", "y", "x", "y"]]}          # organ b not grouped: not scored
+    out = quality_by_slice_group(preds, labels, organs, groups)
+    assert set(out) == {"a"} and set(out["a"]) == {"x", "y"}
+    for name in ("x", "y"):
+        pick = [(p[z], g[z]) for p, g, names in zip(preds, labels, groups["a"]) for z, n in enumerate(names)
+                if n == name]
+        a = np.stack([p for p, _ in pick]) == 1
+        b = np.stack([g for _, g in pick]) == 1
+        tp = np.count_nonzero(a & b)
+        assert out["a"][name]["slices"] == len(pick) == (4 if name == "x" else 4)
+        assert out["a"][name]["recall"] == pytest.approx(tp / b.sum())
+        assert out["a"][name]["precision"] == pytest.approx(tp / a.sum())
+        assert out["a"][name]["dice"] == pytest.approx(2 * tp / (a.sum() + b.sum()))
+    empty = quality_by_slice_group([np.zeros((1, 2, 2), np.uint8)], [np.zeros((1, 2, 2), np.uint8)], organs,
+                                   {"b": [["z"]]})["b"]["z"]
+    assert np.isnan(empty["recall"]) and np.isnan(empty["precision"]) and np.isnan(empty["dice"])

@@ -266,7 +266,8 @@ def test_refine_pseudo_labels_reads_organ_keyed_settings_and_records_them(tmp_pa
 
 NEW_VARIANTS = ["fa+dbs+cp+ltol", "fa+dbs+cp+reach", "fa+dbs+cp+ltol+reach", "fa+dbs+cp+guard-side",
                 "fa+dbs+cp+guard-seed", "nofa+tbs+nocp+ltol+reach+guard-seed", "fa+mbs+nos3+cp+reach",
-                "fa+naive+cp+guard-side"]
+                "fa+naive+cp+guard-side", "fa+dbs+cp+cover-pred50", "fa+dbs+cp+reach+cover-region80+guard-side",
+                "fa+tbs+cp+cover-pred100"]
 
 
 @pytest.mark.parametrize("name", ["fa+dbs+cp", "fa-only", "fa+dbs+nos3+cp", *NEW_VARIANTS])
@@ -276,12 +277,15 @@ def test_variant_names_round_trip(name):
     assert DFG(cfg).variant() == name
     columns = ablate.switch_columns(name)
     if name == "fa-only":
-        assert (columns["tolerances"], columns["steps"], columns["guard"]) == ("-", "-", "-")
+        assert (columns["tolerances"], columns["steps"], columns["coverage"], columns["guard"]) == ("-",) * 4
     else:
         assert columns["tolerances"] == ("length" if "+ltol" in name else "area")
         assert columns["steps"] == ("reach" if "+reach" in name else "fixed")
         assert columns["guard"] == (name.split("+guard-")[1] if "+guard-" in name else "none")
         assert cfg.search.tolerance_scaling == columns["tolerances"] and cfg.search.twin_guard == columns["guard"]
+        cover = re.search(r"\+cover-(pred|region)(\d+)", name)
+        assert columns["coverage"] == (f"{cover[1]} {int(cover[2]) / 100:g}" if cover else "off")
+        assert cfg.search.min_coverage == (int(cover[2]) / 100 if cover else 0.0)
 
 
 def test_default_settings_add_no_token_and_bad_names_are_refused():
@@ -291,19 +295,100 @@ def test_default_settings_add_no_token_and_bad_names_are_refused():
     assert DFG(naive).variant() == "fa+naive+cp"                  # naive uses no tolerance: nothing to name
     with pytest.raises(ValueError, match="twin_guard='sid' unknown"):
         DFG(OmegaConf.merge(base, {"search": {"twin_guard": "sid"}})).variant()
+    with pytest.raises(ValueError, match="min_coverage=0.555 cannot be named"):
+        DFG(OmegaConf.merge(base, {"search": {"min_coverage": 0.555}})).variant()
     for bad in ("fa+dbs+cp+reach+ltol", "fa+dbs+ltol+cp", "fa+naive+cp+ltol", "fa+dbs+cp+guard-both",
-                "fa+dbs+cp+guard-side+ltol", "fa-only+reach"):
+                "fa+dbs+cp+guard-side+ltol", "fa-only+reach", "fa+naive+cp+cover-pred50", "fa+dbs+cp+cover-pred0",
+                "fa+dbs+cp+cover-pred101", "fa+dbs+cp+guard-side+cover-pred50", "fa+dbs+cp+cover-all50"):
         with pytest.raises(UsageError, match="unknown DFG variant"):
             ablate.switches(bad)
 
 
 def test_ablate_takes_the_search_option_grid():
-    grid = ["fa+dbs+cp", "fa+dbs+cp+ltol", "fa+dbs+cp+reach", "fa+dbs+cp+ltol+reach", "fa+dbs+cp+guard-side",
-            "fa+dbs+cp+guard-seed"]
+    grid = ["fa+dbs+cp", "fa+dbs+cp+ltol", "fa+dbs+cp+reach", "fa+dbs+cp+ltol+reach", "fa+dbs+cp+cover-pred50",
+            "fa+dbs+cp+cover-region80", "fa+dbs+cp+guard-side", "fa+dbs+cp+guard-seed"]
     _, variants, _, _ = ablate.parse_args(["task=phantom_mri2ct", f"variants=[{','.join(grid)}]"])
     assert variants == grid
     assert ablate.parse_args(["task=phantom_mri2ct", "variants=search_options"])[1] == grid
     for key in ("method.search.tolerance_scaling=length", "method.search.steps_scaling=reach",
-                "method.search.twin_guard=side"):
+                "method.search.twin_guard=side", "method.search.min_coverage=0.5"):
         with pytest.raises(UsageError, match="set by the ablation grid"):
             ablate.parse_args(["task=phantom_mri2ct", key])
+
+
+# ------------------------------------------------------------------------------ coverage before stability
+
+
+class SubstructureSam(FakeSam):
+    """FakeSam that, for any box inside ``lock`` (x_min, y_min, x_max, y_max), returns one small fixed mask:
+    SAM locked onto a substructure of a large organ, the same answer for every slightly larger box."""
+
+    def __init__(self, organs, sam_features, lock, substructure):
+        super().__init__(organs, sam_features, slack=2.0)
+        self.lock, self.substructure = lock, substructure
+
+    def decode(self, embedding, box):
+        x_min, y_min, x_max, y_max = (int(v) for v in box)
+        lx0, ly0, lx1, ly1 = self.lock
+        if x_min >= lx0 and y_min >= ly0 and x_max <= lx1 and y_max <= ly1:
+            self.calls.append(tuple(int(v) for v in box))
+            return self.substructure.copy()
+        return super().decode(embedding, box)
+
+
+def substructure_slice() -> SyntheticSlice:
+    organs = np.zeros((64, 64), dtype=np.int64)
+    organs[_ellipse(64, (32, 30), (16, 20), 0.0)] = 4                    # a large liver
+    organs[_ellipse(64, (50, 54), (5, 5), 0.0)] = 1
+    base = slice_from(organs, {4: organs == 4, 1: organs == 1})
+    # the liver's probability peaks sharply at one point, so its seed region is a few pixels
+    yy, xx = np.mgrid[:64, :64]
+    logits = base.probs.clamp_min(1e-12).log()
+    flatter = -0.7 * 1.5 * np.clip(_signed_distance(organs == 4), -4, 6)      # plateau p ~0.94 instead of ~1
+    bump = 3.0 * np.exp(-((yy - 32) ** 2 + (xx - 30) ** 2) / 8.0)
+    logits[4] += torch.from_numpy(flatter + bump).float()
+    base.probs = torch.softmax(logits, dim=0)
+    prob = base.probs[4].double().numpy()
+    seed = bs.largest_contour(prob > prob.max() - 0.005)
+    rows, cols = np.nonzero(seed)
+    cy, cx = int(rows.mean()), int(cols.mean())
+    substructure = _ellipse(64, (cy, cx), (3, 3), 0.0) & (organs == 4)
+    lock = (cx - 9, cy - 9, cx + 9, cy + 9)                               # boxes up to ~18 px keep the lock
+    sam = SubstructureSam(organs, base.sam.sam_features, lock, substructure)
+    return SyntheticSlice(organs, base.features, base.probs, sam)
+
+
+def test_the_paper_search_keeps_a_substructure_mask_as_stable():
+    slice_ = substructure_slice()
+    trace = run(slice_, config(64)).classes[4]
+    assert trace.outcome == "sam"
+    np.testing.assert_array_equal(trace.mask, slice_.sam.substructure)   # 28 px of a ~1000-px organ
+    assert dice(trace.mask, slice_.organs == 4) < 0.1
+
+
+def test_prediction_coverage_keeps_growing_until_the_mask_covers_the_organ():
+    slice_ = substructure_slice()
+    paper = run(slice_, config(64))
+    result = run(slice_, config(64, min_coverage=0.5, coverage_of="prediction"))
+    trace = result.classes[4]
+    assert trace.outcome == "sam" and dice(trace.mask, slice_.organs == 4) > 0.9, (trace.stage, trace.reason)
+    assert dice(paper.classes[4].mask, slice_.organs == 4) < 0.1                   # the paper kept the lock
+    assert trace.steps[0].mask_area == int(slice_.sam.substructure.sum())          # and so did this step 0
+    np.testing.assert_array_equal(result.classes[1].mask, paper.classes[1].mask)   # the small organ: unaffected
+
+
+def test_region_coverage_needs_a_high_fraction_because_the_region_grows_with_the_box():
+    # MBS grows its region a pixel a step around the locked mask, so a lenient fraction is met while the box is
+    # still inside the lock; a strict one escapes it (partly, within max_steps)
+    slice_ = substructure_slice()
+    lenient = run(slice_, config(64, min_coverage=0.5)).classes[4]
+    strict = run(slice_, config(64, min_coverage=0.8)).classes[4]
+    assert dice(lenient.mask, slice_.organs == 4) < 0.1
+    assert dice(strict.mask, slice_.organs == 4) > 0.5
+
+
+def test_min_coverage_is_validated():
+    with pytest.raises(ValueError, match=r"min_coverage must be a fraction in \[0, 1\], got 1.5"):
+        config(64, min_coverage=1.5)
+    with pytest.raises(ValueError, match="coverage_of='box' unknown"):
+        config(64, coverage_of="box")

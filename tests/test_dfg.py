@@ -100,11 +100,16 @@ def make_context(tmp_path, labels, sam=None, images=None):
 
         return label_confusion(volumes, labels, ORGANS)
 
+    def by_group(volumes, groups):
+        from sfdabench.evaluation import quality_by_slice_group
+
+        return quality_by_slice_group(volumes, labels, ORGANS, groups)
+
     sam = sam or ThresholdSam()
     ctx = Context(device=torch.device("cpu"), seed=0, cache_dir=tmp_path / "cache", run_dir=tmp_path / "run",
                   organs=ORGANS, sam_factory=lambda: sam, label_oracle=lambda: labels,
                   pseudo_label_scorer=scorer, box_ceiling=ceiling if images is not None else None,
-                  pseudo_label_confusion=confusion,
+                  pseudo_label_confusion=confusion, pseudo_label_group_scorer=by_group,
                   progress=False)
     return ctx, sam
 
@@ -182,6 +187,13 @@ def test_ablation_switches_run_and_name_their_variant(tmp_path, source_model, ch
         assert sam.calls > 0
         assert set(quality) == ({"target_model", "sam", "cp"} if changes.get("cp", True) else {"target_model", "sam"})
         assert ctx.diagnostics["box_search"]["slices"] == 6
+        # per search outcome, the prediction the search started from and SAM's labels on the same slices
+        by_group = ctx.diagnostics["pseudo_label_by_group"]
+        assert set(by_group) == {"target_model", "sam"}
+        for organ in ORGANS:
+            outcomes = ctx.diagnostics["box_search"]["outcomes"][organ]
+            assert {g: v["slices"] for g, v in by_group["sam"][organ].items()} == outcomes
+            assert by_group["target_model"][organ].keys() == by_group["sam"][organ].keys()
 
 
 def test_figures_are_written(tmp_path, source_model):

@@ -19,7 +19,8 @@ Ablation switches (config): ``fa.enabled``, ``search.search`` (naive | tbs | mbs
 ``cp``, and ``stop_after_fa`` (the "FA only" row). The variant name lists them, e.g. ``fa+dbs+cp``. Box-search
 options away from their defaults append a token, in this order: ``+ltol`` (``search.tolerance_scaling:
 length``), ``+reach`` (``search.steps_scaling: reach``; both for tbs/mbs/dbs only, naive uses neither) and
-``+guard-side`` / ``+guard-seed`` (``search.twin_guard``), e.g. ``fa+dbs+cp+ltol+guard-side``.
+``+cover-pred50`` / ``+cover-region80`` (``search.min_coverage`` of ``search.coverage_of``) and ``+guard-side`` /
+``+guard-seed`` (``search.twin_guard``), e.g. ``fa+dbs+cp+ltol+guard-side``.
 """
 from __future__ import annotations
 
@@ -39,6 +40,21 @@ _SEARCH_OPTION_TOKENS = (
     ("steps_scaling", "fixed", {"fixed": "", "reach": "reach"}),
     ("twin_guard", "none", {"none": "", "side": "guard-side", "seed": "guard-seed"}),
 )
+
+
+def _coverage_token(search) -> list[str]:
+    """["cover-pred50"] for min_coverage 0.5 of the prediction, [] when off (the paper)."""
+    fraction = float(search.get("min_coverage", 0.0))
+    if not fraction:
+        return []
+    percent = round(fraction * 100)
+    if abs(percent - fraction * 100) > 1e-9 or not 1 <= percent <= 100:
+        raise ValueError(f"search.min_coverage={fraction} cannot be named in the variant; use a whole "
+                         f"percentage between 0.01 and 1")
+    of = str(search.get("coverage_of", "region"))
+    if of not in ("region", "prediction"):
+        raise ValueError(f"search.coverage_of={of!r} unknown; use one of region, prediction")
+    return [f"cover-{'pred' if of == 'prediction' else 'region'}{percent}"]
 
 
 class DFG(Method):
@@ -62,6 +78,8 @@ class DFG(Method):
         # the defaults add nothing, so the names of the paper's variants never change
         tokens = _SEARCH_OPTION_TOKENS if search["search"] != "naive" else _SEARCH_OPTION_TOKENS[-1:]
         for key, default, names in tokens:
+            if key == "twin_guard" and search["search"] != "naive":
+                parts.extend(_coverage_token(search))      # the coverage token precedes the guard's
             value = str(search.get(key, default))
             if value not in names:
                 raise ValueError(f"search.{key}={value!r} unknown; use one of {', '.join(names)}")
@@ -85,6 +103,9 @@ class DFG(Method):
         context.record("box_search", labels.stats)
         context.pseudo_label_quality("target_model", labels.target_model)
         context.pseudo_label_quality("sam", labels.refined)
+        # per search outcome: what SAM did to the slices each outcome labelled, against the prediction it started from
+        context.pseudo_label_quality_by_group("target_model", labels.target_model, labels.outcome_of_slice)
+        context.pseudo_label_quality_by_group("sam", labels.refined, labels.outcome_of_slice)
         if self.cfg["box_ceiling"]:  # diagnostic: the harness measures, with labels this method never sees
             context.compare_with_box_ceiling("sam", margin=labels.stats["scaled_settings"]["box_margin"],
                                              classes_from="target_model")

@@ -29,6 +29,8 @@ class PseudoLabels:
     target_model: list[np.ndarray]          # argmax of the model the search started from
     refined: list[np.ndarray]               # merged box-search pseudo-labels
     stats: dict[str, Any] = field(default_factory=dict)
+    #: organ -> case -> slice -> how the search labelled it ("absent", "fallback", "guarded", "sam:<stage>")
+    outcome_of_slice: dict[str, list[list[str]]] = field(default_factory=dict)
 
 
 def figure_slices(total: int, count: int) -> set[int]:
@@ -49,6 +51,7 @@ def refine_pseudo_labels(model: nn.Module, target_train: TargetImages, search_cf
     cfg = BoxSearchConfig.from_cfg(search_cfg, shapes[0][1:], organs=context.organs)
     draw = figure_slices(len(target_train), figures)
     outcomes: dict[str, collections.Counter] = {o: collections.Counter() for o in context.organs}
+    outcome_of_slice = {o: [[""] * s[0] for s in shapes] for o in context.organs}
     totals = collections.Counter()
     seconds = collections.Counter()
     data = torch.utils.data.DataLoader(target_train, batch_size=batch_size, shuffle=False, num_workers=0)
@@ -68,6 +71,8 @@ def refine_pseudo_labels(model: nn.Module, target_train: TargetImages, search_cf
             raw[ci][z] = probs[i].argmax(0).numpy().astype(np.uint8)
             refined[ci][z] = result.pseudo_label
             _count(result, context.organs, outcomes, totals)
+            for c, trace in result.classes.items():
+                outcome_of_slice[context.organs[c - 1]][ci][z] = outcome_key(trace)
             if index in draw:
                 _save_figures(context.run_dir / "figures", image, result, context.organs,
                               f"{target_train.case_ids[ci]}_z{z:03d}")
@@ -82,14 +87,17 @@ def refine_pseudo_labels(model: nn.Module, target_train: TargetImages, search_cf
         "decoder_calls_per_slice": totals["decoder_calls"] / max(index, 1),
         "seconds": dict(seconds),
     }
-    return PseudoLabels(raw, refined, stats)
+    return PseudoLabels(raw, refined, stats, outcome_of_slice)
+
+
+def outcome_key(trace) -> str:
+    """"absent" | "fallback" | "guarded" (a fallback because the twin guard refused SAM's mask) | "sam:<stage>"."""
+    return "guarded" if trace.guard else trace.outcome if trace.outcome != "sam" else f"sam:{trace.stage}"
 
 
 def _count(result: SliceResult, organs, outcomes, totals) -> None:
     for c, trace in result.classes.items():
-        # "guarded": a fallback because the twin guard refused SAM's mask (kept apart from plain fallbacks)
-        key = "guarded" if trace.guard else trace.outcome if trace.outcome != "sam" else f"sam:{trace.stage}"
-        outcomes[organs[c - 1]][key] += 1
+        outcomes[organs[c - 1]][outcome_key(trace)] += 1
     totals["decoder_calls"] += result.decoder_calls
     totals["cache_hits"] += result.cache_hits
 
