@@ -51,7 +51,8 @@ _VARIANT = re.compile(r"^(?P<fa>fa|nofa)(?:(?P<only>-only)|\+(?P<search>naive|tb
                       r"\+(?P<cp>cp|nocp)(?P<ltol>\+ltol)?(?P<reach>\+reach)?"
                       r"(?:\+cover-(?P<cover_of>pred|region)(?P<cover>100|[1-9][0-9]?))?"
                       r"(?:\+guard-(?P<guard>side|seed))?)$")
-STAGE_LABELS = {"target_model": "PL before SAM", "sam": "PL after SAM", "cp": "PL after CP",
+STAGE_LABELS = {"source_model": "PL of the source model", "target_model": "PL before SAM", "sam": "PL after SAM",
+                "cp": "PL after CP",
                 "gt_box_ceiling": "PL ceiling (GT boxes)", "class_keeping_ceiling": "PL ceiling (class-keeping)",
                 "efficiency": "box-search efficiency", "efficiency_class_keeping": "efficiency (class-keeping)"}
 #: Not a pseudo-label Dice but a ratio of two (``diagnostics.box_search_efficiency``): PL after SAM / ceiling.

@@ -229,7 +229,7 @@ def _facts(run: Mapping[str, Any]) -> pd.DataFrame:
 
 
 #: Pseudo-label stages in the order a method produces them (others follow in their recorded order).
-STAGE_ORDER = ("target_model", "source_model", "sam", "cp", "gt_box", "gt_box_ceiling", "class_keeping_ceiling")
+STAGE_ORDER = ("source_model", "target_model", "sam", "cp", "gt_box", "gt_box_ceiling", "class_keeping_ceiling")
 
 
 def _organ_order(keys: Sequence[str], organs: Sequence[str]) -> list[str]:
@@ -264,6 +264,23 @@ def _pseudo_label_table(diagnostics: Mapping[str, Any], organs: Sequence[str]) -
             {k: (np.nan if v is None else v) for k, v in diagnostics["box_search_efficiency_class_keeping"].items()})
     table.index.name = "stage"
     return table
+
+
+def _grouped_quality_table(diagnostics: Mapping[str, Any], organs: Sequence[str]) -> pd.DataFrame | None:
+    """organ x group rows: slices, GT pixels, then recall and precision per stage (diagnostics.pseudo_label_by_group)."""
+    by_stage = diagnostics.get("pseudo_label_by_group") or {}
+    if not by_stage:
+        return None
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for stage, per_organ in by_stage.items():
+        for organ in _organ_order(list(per_organ), organs):
+            for group, q in per_organ[organ].items():
+                row = rows.setdefault((organ, group), {"slices": q["slices"], "gt pixels": q["gt_pixels"]})
+                row[f"recall {stage}"] = q["recall"]
+                row[f"precision {stage}"] = q["precision"]
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index = pd.MultiIndex.from_tuples(frame.index, names=["organ", "group"])
+    return frame.reset_index().set_index("organ")
 
 
 def _timings_table(summary: Mapping[str, Any]) -> pd.DataFrame:
@@ -328,6 +345,13 @@ def render(run: Mapping[str, Any], out: Path, max_cases: int) -> Path:
                         "target-train ground truth: flows of at least 10% of an organ's voxels to another class "
                         "(twin-organ swaps, missed organs as -&gt;background).</p>"
                         + _table(pd.DataFrame({"off-diagonal flows": rows}).rename_axis("stage")))
+    grouped = _grouped_quality_table(diagnostics, organs)
+    if grouped is not None:
+        sections.append("<h2>Pseudo-label quality per slice group</h2><p class='note'>Per organ and group of "
+                        "slices the method names (DFG: the box-search outcome that labelled the organ there), "
+                        "recall and precision of each stage pooled over the group's slices, against target-train "
+                        "ground truth: a stage that loses recall on one outcome (e.g. SAM keeping a small mask "
+                        "as stable) shows here.</p>" + _table(grouped, digits=3))
     figures = sorted((Path(run["dir"]) / "figures").glob("*.png"))
     if figures:
         (out / "figures").mkdir(exist_ok=True)

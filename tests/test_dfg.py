@@ -72,6 +72,7 @@ def dfg_cfg(**changes):
     cfg.fa.iterations = 3
     cfg.fa.batch_size = 4
     cfg.retrain.epochs = 1
+    cfg.retrain.steps = None              # the epoch budget: one pass
     cfg.retrain.batch_size = 4
     for key, value in changes.items():
         OmegaConf.update(cfg, key, value)
@@ -182,10 +183,13 @@ def test_ablation_switches_run_and_name_their_variant(tmp_path, source_model, ch
     assert logits.shape == (1, 5, 48, 48)
     quality = ctx.diagnostics.get("pseudo_label_dice", {})
     if changes.get("stop_after_fa"):
-        assert sam.calls == 0 and not quality and not method.uses_sam
+        assert sam.calls == 0 and not method.uses_sam
+        assert set(quality) == {"source_model", "target_model"}         # what FA did, measured
     else:
         assert sam.calls > 0
-        assert set(quality) == ({"target_model", "sam", "cp"} if changes.get("cp", True) else {"target_model", "sam"})
+        stages = {"target_model", "sam"} | ({"cp"} if changes.get("cp", True) else set())
+        # the source model's labels are scored before FA changes them (nothing to compare without FA)
+        assert set(quality) == stages | ({"source_model"} if changes.get("fa.enabled", True) else set())
         assert ctx.diagnostics["box_search"]["slices"] == 6
         # per search outcome, the prediction the search started from and SAM's labels on the same slices
         by_group = ctx.diagnostics["pseudo_label_by_group"]

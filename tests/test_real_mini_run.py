@@ -24,7 +24,7 @@ REAL_MINI = ["task=sample_chaos2amos", "preset=test", "device=cpu", "num_threads
 @pytest.mark.slow
 def test_real_mini_run_source_only_and_dfg(sample_data, tmp_path):
     results = tmp_path / "res"
-    for method in (["method=source_only"], ["method=dfg", "method.fa.iterations=2", "method.retrain.epochs=2"]):
+    for method in (["method=source_only"], ["method=dfg", "method.fa.iterations=2", "method.retrain.epochs=2", "method.retrain.steps=null"]):
         out = run_cli("run", *method, *REAL_MINI, f"results_dir={results}", cwd=tmp_path, timeout=900)
         assert out.returncode == 0, out.stderr[-3000:]
         assert "ASD/HD95 in mm" in out.stdout

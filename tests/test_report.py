@@ -15,7 +15,7 @@ from conftest import TINY_PHANTOM, run_cli
 #: just good enough (~0.9 liver Dice in-domain) for the box search to find the liver and draw a figure.
 TINY_DFG = ["method=dfg", *TINY_PHANTOM, "task.source.splits.train=[0,1,2]", "task.target.params.num_slices=[4,5]",
             "source.epochs=40", "source.width=8", "source.depth=3", "source.lr=3e-3", "method.fa.iterations=1",
-            "method.retrain.epochs=1", "method.figures=3"]
+            "method.retrain.epochs=1", "method.retrain.steps=null", "method.figures=3"]
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from __future__ import annotations
 from torch import nn
 
 from sfdabench.api import Case, Context, Method, SliceDataset, TargetImages
-from sfdabench.training import train_supervised
+from sfdabench.training import predict_target, train_supervised
 
 from .feature_aggregation import feature_aggregation
 from .postprocess import connectivity_postprocess
@@ -90,10 +90,15 @@ class DFG(Method):
     def adapt(self, source_model: nn.Module, target_train: TargetImages, context: Context) -> nn.Module:
         model = source_model
         if self.cfg["fa"]["enabled"]:
+            # measured only: the source model's labels, so the summary shows what FA did to each class
+            # ("target_model" below is the FA model's)
+            context.pseudo_label_quality("source_model", predict_target(model, target_train, context)["label"])
             with context.phase("feature_aggregation"):
                 losses = feature_aggregation(model, target_train, self.cfg["fa"], context)
             context.record("fa_loss", {"first": losses[0], "last": losses[-1]} if losses else {})
         if self.cfg["stop_after_fa"]:
+            if self.cfg["fa"]["enabled"]:    # measured only: the FA model's labels, against the source model's
+                context.pseudo_label_quality("target_model", predict_target(model, target_train, context)["label"])
             return model
 
         with context.phase("box_search"):
