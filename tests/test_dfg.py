@@ -229,3 +229,23 @@ def test_source_free_methods_cannot_read_target_labels(tmp_path):
     ctx, _ = make_context(tmp_path, [np.zeros((1, 4, 4), np.uint8)])
     with pytest.raises(Exception, match="not available to source-free methods"):
         ctx.target_train_labels()
+
+
+def test_fa_prior_is_uniform_or_the_source_models_mean_prediction(tmp_path, source_model):
+    from sfdabench_methods.dfg.feature_aggregation import class_log_prior
+
+    target = synthetic_cases(2, 13)
+    ctx, _ = make_context(tmp_path, [c.label for c in target])
+    images = TargetImages(target)
+    uniform = class_log_prior(source_model, images, {}, ctx, 5)
+    assert torch.allclose(uniform, torch.full((5,), -math.log(5)))
+    model = copy.deepcopy(source_model).train()
+    prior = class_log_prior(model, images, {"prior": "source_prediction"}, ctx, 5)
+    assert model.training                                           # mode restored
+    with torch.no_grad():
+        x = torch.cat([images[i]["image"][None] for i in range(len(images))])
+        expected = model.eval()(x)[1].softmax(1).double().mean(dim=(0, 2, 3)).clamp_min(1e-6).log().float()
+    assert torch.allclose(prior, expected, atol=1e-5)
+    assert prior.exp().sum().item() == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(ValueError, match="fa.prior='flat' unknown; use one of uniform, source_prediction"):
+        class_log_prior(model, images, {"prior": "flat"}, ctx, 5)

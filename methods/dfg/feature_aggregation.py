@@ -9,6 +9,10 @@ iteration 0 as in the released trainer (it steps at each evaluation, including t
 DFG picked its FA checkpoint by target *test* Dice (iteration 160); sfdabench trains a fixed number of
 iterations and keeps the last model (``selection = last``). With lr x0.8 every 5 iterations the rate is
 below 1% of its start after 100 iterations, so the default budget keeps the effective schedule.
+
+Class prior (``prior``): ``uniform`` (the paper, pi_k = 1/K) or ``source_prediction`` (not in the paper): the
+source model's mean softmax over every target-train pixel, computed once before FA (eval mode, no labels).
+With the uniform prior the prototype->target term weighs a small organ as much as the background.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ def feature_aggregation(model: nn.Module, target_train: TargetImages, cfg: Mappi
     augment = Augment(cfg.get("augment"), generator)
     batches = forever(loader(target_train, int(cfg["batch_size"]), generator))
     num_classes = prototypes.shape[0]
-    log_prior = torch.full((num_classes,), -math.log(num_classes), device=context.device)
+    log_prior = class_log_prior(model, target_train, cfg, context, num_classes)
     tau, rho, every = float(cfg["tau"]), float(cfg["rho"]), int(cfg["lr_step_every"])
     base_lr, gamma = float(cfg["lr"]), float(cfg["lr_gamma"])
     losses = []
@@ -52,3 +56,29 @@ def feature_aggregation(model: nn.Module, target_train: TargetImages, cfg: Mappi
         losses.append(float(loss.detach()))
     prototypes.requires_grad_(True)                           # the retraining phase trains the classifier
     return losses
+
+
+PRIORS = ("uniform", "source_prediction")
+
+
+@torch.no_grad()
+def class_log_prior(model: nn.Module, target_train: TargetImages, cfg: Mapping[str, Any], context: Context,
+                    num_classes: int) -> torch.Tensor:
+    """log pi (K,) of the transport loss: uniform, or the model's mean softmax over the target-train pixels."""
+    prior = str(cfg.get("prior", "uniform"))
+    if prior not in PRIORS:
+        raise ValueError(f"fa.prior={prior!r} unknown; use one of {', '.join(PRIORS)}")
+    if prior == "uniform":
+        return torch.full((num_classes,), -math.log(num_classes), device=context.device)
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(num_classes, dtype=torch.float64)
+    pixels = 0
+    for batch in torch.utils.data.DataLoader(target_train, batch_size=16, shuffle=False, num_workers=0,
+                                             generator=torch.Generator()):
+        _, logits = model(batch["image"].to(context.device))
+        total += logits.softmax(1).sum(dim=(0, 2, 3)).double().cpu()
+        pixels += logits.shape[0] * logits.shape[2] * logits.shape[3]
+    model.train(was_training)
+    # a class the model never predicts keeps a small mass, so log pi stays finite
+    return (total / pixels).clamp_min(1e-6).log().float().to(context.device)
