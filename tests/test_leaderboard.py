@@ -583,13 +583,20 @@ def test_compare_uses_the_seeds_both_sides_have(tmp_path):
 # ------------------------------------------------------------------- source weights, legacy rows, bad input
 
 
-def test_committed_reference_rows_reproduce_the_committed_summary(tmp_path):
-    """The migrated reference rows (legacy: no source weights) still aggregate, to the committed bytes; and
-    exporting them gives them back byte for byte."""
-    ref = REPO / "leaderboard"
+@pytest.mark.parametrize("folder", ["leaderboard", "leaderboard/archive/epoch-budgets-1839641"])
+def test_committed_reference_rows_reproduce_the_committed_summary(tmp_path, folder):
+    """The reference rows aggregate to the committed summary bytes, and exporting them gives them back byte
+    for byte: the current ones (every row names its source weights, one source model per task and seed) and
+    the superseded legacy ones (no source weights recorded)."""
+    ref = REPO / folder
     inputs = [ref / "phantom_mri2ct.csv", ref / "phantom_ct2mri.csv"]
     rows = lb.load_rows(inputs)
-    assert set(rows.source_weights) == {""} and rows.source_config.str.fullmatch("[0-9a-f]{12}").all()
+    assert rows.source_config.str.fullmatch("[0-9a-f]{12}").all()
+    if "archive" in folder:
+        assert set(rows.source_weights) == {""}
+    else:
+        assert rows.source_weights.str.fullmatch("[0-9a-f]{16}").all()
+        assert (rows.groupby(["task", "seed"]).source_weights.nunique() == 1).all()
     assert lb.aggregate(rows).to_csv(index=False) == (ref / "leaderboard_summary.csv").read_text()
     paths = lb.export_rows(rows, tmp_path)
     for path in inputs:
