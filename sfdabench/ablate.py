@@ -2,7 +2,8 @@
 
 The grid (default, 17 variants, stage 3 on): FA on/off x box search naive/tbs/mbs/dbs x CP on/off, plus the
 "FA only" row; variants are named as ``DFG.variant()`` names them (``fa+dbs+cp``, ``nofa+naive+nocp``,
-``fa-only``; ``fa+dbs+nos3+cp`` turns stage 3 off). Box-search options append tokens after CP, in this order:
+``fa-only``; ``fa+dbs+nos3+cp`` turns stage 3 off; ``fa-srcprior+...`` runs FA with the source model's mean
+prediction as its class prior instead of the paper's uniform one). Box-search options append tokens after CP, in this order:
 ``+ltol`` (change tolerances scaled by length), ``+reach`` (step limits scaled to the spec's reach; both for
 tbs/mbs/dbs), ``+cover-pred50`` / ``+cover-region80`` (a mask counts as stable only when it covers that
 percentage of the predicted components / of the search region; tbs/mbs/dbs), ``+guard-side`` / ``+guard-seed``
@@ -47,7 +48,7 @@ SEARCHES = ("naive", "tbs", "mbs", "dbs")
 SWITCH_KEYS = ("method.fa.enabled", "method.search.search", "method.search.stage3", "method.cp",
                "method.stop_after_fa", "method.search.tolerance_scaling", "method.search.steps_scaling",
                "method.search.twin_guard", "method.search.min_coverage", "method.search.coverage_of")
-_VARIANT = re.compile(r"^(?P<fa>fa|nofa)(?:(?P<only>-only)|\+(?P<search>naive|tbs|mbs|dbs)(?P<nos3>\+nos3)?"
+_VARIANT = re.compile(r"^(?P<fa>fa|nofa)(?P<prior>-srcprior)?(?:(?P<only>-only)|\+(?P<search>naive|tbs|mbs|dbs)(?P<nos3>\+nos3)?"
                       r"\+(?P<cp>cp|nocp)(?P<ltol>\+ltol)?(?P<reach>\+reach)?"
                       r"(?:\+cover-(?P<cover_of>pred|region)(?P<cover>100|[1-9][0-9]?))?"
                       r"(?:\+guard-(?P<guard>side|seed))?)$")
@@ -78,14 +79,17 @@ GRIDS = {"default": default_grid, "search_options": search_options_grid}
 def switches(variant: str) -> dict[str, Any]:
     """The ``method`` settings of a variant name (the inverse of ``DFG.variant()``)."""
     m = _VARIANT.match(variant)
-    if m is None or (m["nos3"] and m["search"] not in ("mbs", "dbs")) or \
+    if m is None or (m["nos3"] and m["search"] not in ("mbs", "dbs")) or (m["prior"] and m["fa"] == "nofa") or \
             ((m["ltol"] or m["reach"] or m["cover"]) and m["search"] == "naive"):
         raise UsageError(f"unknown DFG variant '{variant}'; names look like fa+dbs+cp, nofa+naive+nocp, "
                          f"fa+mbs+nos3+cp (stage 3 off; mbs/dbs only), fa+dbs+cp+ltol+reach+cover-pred50+guard-side "
-                         f"(options in this order; ltol, reach and cover not for naive) or fa-only; the default "
+                         f"(options in this order; ltol, reach and cover not for naive), fa-only, "
+                         f"fa-srcprior+dbs+cp (FA with the source model's class prior); the default "
                          f"grid: "
                          f"{','.join(default_grid())}")
     fa = {"enabled": m["fa"] == "fa"}
+    if m["prior"]:      # only then: the paper's uniform prior is dfg.yaml's default, not a key, so run ids stay
+        fa["prior"] = "source_prediction"
     if m["only"]:
         return {"fa": fa, "stop_after_fa": True}
     search = {"search": m["search"], "stage3": not m["nos3"],

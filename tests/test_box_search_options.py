@@ -267,7 +267,7 @@ def test_refine_pseudo_labels_reads_organ_keyed_settings_and_records_them(tmp_pa
 NEW_VARIANTS = ["fa+dbs+cp+ltol", "fa+dbs+cp+reach", "fa+dbs+cp+ltol+reach", "fa+dbs+cp+guard-side",
                 "fa+dbs+cp+guard-seed", "nofa+tbs+nocp+ltol+reach+guard-seed", "fa+mbs+nos3+cp+reach",
                 "fa+naive+cp+guard-side", "fa+dbs+cp+cover-pred50", "fa+dbs+cp+reach+cover-region80+guard-side",
-                "fa+tbs+cp+cover-pred100"]
+                "fa+tbs+cp+cover-pred100", "fa-srcprior+dbs+cp", "fa-srcprior-only"]
 
 
 @pytest.mark.parametrize("name", ["fa+dbs+cp", "fa-only", "fa+dbs+nos3+cp", *NEW_VARIANTS])
@@ -275,8 +275,9 @@ def test_variant_names_round_trip(name):
     base = OmegaConf.load(REPO / "configs" / "method" / "dfg.yaml")
     cfg = OmegaConf.merge(base, ablate.switches(name))
     assert DFG(cfg).variant() == name
+    assert cfg.fa.get("prior", "uniform") == ("source_prediction" if "-srcprior" in name else "uniform")
     columns = ablate.switch_columns(name)
-    if name == "fa-only":
+    if name.endswith("-only"):
         assert (columns["tolerances"], columns["steps"], columns["coverage"], columns["guard"]) == ("-",) * 4
     else:
         assert columns["tolerances"] == ("length" if "+ltol" in name else "area")

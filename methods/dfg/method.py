@@ -68,6 +68,8 @@ class DFG(Method):
 
     def variant(self) -> str:
         fa = "fa" if self.cfg["fa"]["enabled"] else "nofa"
+        if fa == "fa" and self.cfg["fa"].get("prior", "uniform") == "source_prediction":
+            fa = "fa-srcprior"          # the paper's uniform prior adds nothing to the name
         if self.cfg["stop_after_fa"]:
             return f"{fa}-only"
         search = self.cfg["search"]
