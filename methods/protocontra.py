@@ -34,7 +34,8 @@ Protocol notes:
 
 - Model selection: the released configs pick checkpoints by target *test* Dice (PFA: iteration 25; CL: best
   of 5 epochs). sfdabench trains fixed budgets and returns the last model (``selection = last``): PFA runs the
-  200 iterations the paper reportedly states (ProtoContra issue #6), CL the released config's 5 epochs.
+  200 iterations the paper reportedly states (ProtoContra issue #6), CL the released config's 5 epochs counted
+  over the paper protocol's ~1404 target slices (435 steps at batch 16; configs/method/protocontra.yaml).
 - Input channels: ProtoContra fed 2.5D input (previous/current/next slice). sfdabench uses the matched
   single-slice input of the shared protocol (the slice replicated 3x, as DFG) for every method, so all
   methods adapt the same source checkpoint. This is a documented deviation.
@@ -42,7 +43,8 @@ Protocol notes:
   (30,000 features per foreground class, 50,000 for background); each push keeps the newest features.
 - Uncertain points followed as the spec describes them: a class takes part in the reliable/unreliable split
   only if the sum of teacher entropies over its pixels exceeds 5; the StepLR schedulers take their first step
-  at iteration 0 (the forked DFG trainer steps at every evaluation, including the one before training); the
+  after iteration ``lr_step_every`` as the released counter does (``lr_counter: dfg``: also at iteration 0,
+  as DFG's fork of the counter, which steps at every evaluation including the one before training); the
   CL loss divides by the number of valid classes, including valid classes skipped for want of anchors or
   negatives (U2PL).
 - ``pseudo_label_ce`` (spec 8.3 step 5, disabled in the released config and here by default) adds CE on
@@ -67,9 +69,23 @@ from sfdabench.training import Augment, forever, loader, make_optimizer
 BEHAVIOURS = ("intent", "released")
 
 
-def stepped_lr(base: float, gamma: float, step_size: int, every: int, it: int) -> float:
-    """Rate at iteration ``it`` of StepLR(step_size, gamma) stepped every ``every`` iterations, first at 0."""
-    return base * gamma ** ((it // every + 1) // step_size)
+LR_COUNTERS = ("protocontra", "dfg")
+
+
+def stepped_lr(base: float, gamma: float, step_size: int, every: int, it: int, counter: str = "protocontra"
+               ) -> float:
+    """Rate at iteration ``it`` (0-based) of StepLR(step_size, gamma) stepped every ``every`` iterations.
+
+    ``protocontra`` (released utils/iter_counter.py): the scheduler steps when ``steps_so_far % every == 0``
+    with ``steps_so_far >= every``, so the first decay follows iteration ``every``; ``dfg`` (DFG's fork of the
+    counter): it also steps before the first iteration, so every rate is one decay lower."""
+    if counter == "protocontra":
+        decays = max(0, (it - 1) // every)
+    elif counter == "dfg":
+        decays = it // every + 1
+    else:
+        raise ValueError(f"protocontra: lr_counter={counter!r} unknown; use one of {', '.join(LR_COUNTERS)}")
+    return base * gamma ** (decays // step_size)
 
 
 def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
@@ -108,7 +124,7 @@ def prototype_feature_alignment(model: nn.Module, target_train: TargetImages, cf
         losses = []
         for it in context.progress(range(int(cfg["iterations"])), desc="PFA"):
             _set_lr(opt, stepped_lr(float(cfg["lr"]), float(cfg["lr_gamma"]), int(cfg["lr_step_size"]),
-                                    int(cfg["lr_step_every"]), it))
+                                    int(cfg["lr_step_every"]), it, str(cfg.get("lr_counter", "protocontra"))))
             image, _ = augment(next(batches)["image"].to(context.device))
             features, logits = model(image)
             prior = update_class_prior(prior, logits, tau=tau, beta=beta)   # before the loss, as released
@@ -244,47 +260,46 @@ def contrastive_learning(model: nn.Module, target_train: TargetImages, cfg: Mapp
     opt = make_optimizer(model.parameters(), cfg)
     data_gen, sample_gen = context.generator(offset=2), context.generator(offset=3)
     augment = Augment(cfg.get("augment"), data_gen)
-    data = loader(target_train, int(cfg["batch_size"]), data_gen)
-    total = int(cfg["epochs"]) * len(data)
+    batches = forever(loader(target_train, int(cfg["batch_size"]), data_gen))
+    total = int(cfg["steps"])
     num_classes = model.classifier.weight.shape[0]
     bank = NegativeBank([int(cfg["bank_size_background"])] + [int(cfg["bank_size_foreground"])] * (num_classes - 1),
                         model.classifier.weight.shape[1], device)
     ranks = tuple(int(r) for r in cfg["negative_ranks"])
     keep_lo, keep_hi = (float(v) for v in cfg["pseudo_label_keep_percentile"])
-    losses, valid_counts, it = [], [], 0
+    losses, valid_counts = [], []
     bar = context.progress(total=total, desc="CL")
-    for _ in range(int(cfg["epochs"])):
-        for batch in data:
-            _set_lr(opt, stepped_lr(float(cfg["lr"]), float(cfg["lr_gamma"]), int(cfg["lr_step_size"]),
-                                    int(cfg["lr_step_every"]), it))
-            image, _ = augment(batch["image"].to(device))      # teacher and student see the same image
-            with torch.no_grad():
-                t_features, t_logits = teacher(image)
-                log_probs = t_logits.log_softmax(1)
-                probs = log_probs.exp()
-                entropy = -(probs * log_probs).sum(1)
-                pseudo = probs.argmax(1)
-            s_features, s_logits = model(image)
-            alpha = float(cfg["alpha_start"]) * (1 - it / total)
-            reliable, unreliable = reliability_masks(
-                entropy, pseudo, num_classes, alpha, percentile=float(cfg["reliable_percentile"]),
-                background_alpha_scale=float(cfg["background_alpha_scale"]),
-                min_entropy_sum=float(cfg["min_class_entropy_sum"]))
-            bank.push_unreliable(t_features, probs, unreliable, ranks)   # enqueue first, then sample (U2PL)
-            loss, n_valid = contrastive_loss(
-                s_features, t_features, probs, reliable, bank, sample_gen, anchors=int(cfg["anchors"]),
-                anchor_min_prob=float(cfg["anchor_min_prob"]), negatives=int(cfg["negatives"]),
-                temperature=float(cfg["temperature"]), released=released)
-            if cfg["pseudo_label_ce"]:
-                keep = keep_lo + (keep_hi - keep_lo) * it / total
-                loss = loss + float(cfg["pseudo_label_ce_weight"]) * pseudo_label_ce(s_logits, pseudo, entropy, keep)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            valid_counts.append(n_valid)
-            it += 1
-            bar.update(1)
+    for it in range(total):
+        batch = next(batches)
+        _set_lr(opt, stepped_lr(float(cfg["lr"]), float(cfg["lr_gamma"]), int(cfg["lr_step_size"]),
+                                int(cfg["lr_step_every"]), it, str(cfg.get("lr_counter", "protocontra"))))
+        image, _ = augment(batch["image"].to(device))      # teacher and student see the same image
+        with torch.no_grad():
+            t_features, t_logits = teacher(image)
+            log_probs = t_logits.log_softmax(1)
+            probs = log_probs.exp()
+            entropy = -(probs * log_probs).sum(1)
+            pseudo = probs.argmax(1)
+        s_features, s_logits = model(image)
+        alpha = float(cfg["alpha_start"]) * (1 - it / total)
+        reliable, unreliable = reliability_masks(
+            entropy, pseudo, num_classes, alpha, percentile=float(cfg["reliable_percentile"]),
+            background_alpha_scale=float(cfg["background_alpha_scale"]),
+            min_entropy_sum=float(cfg["min_class_entropy_sum"]))
+        bank.push_unreliable(t_features, probs, unreliable, ranks)   # enqueue first, then sample (U2PL)
+        loss, n_valid = contrastive_loss(
+            s_features, t_features, probs, reliable, bank, sample_gen, anchors=int(cfg["anchors"]),
+            anchor_min_prob=float(cfg["anchor_min_prob"]), negatives=int(cfg["negatives"]),
+            temperature=float(cfg["temperature"]), released=released)
+        if cfg["pseudo_label_ce"]:
+            keep = keep_lo + (keep_hi - keep_lo) * it / total
+            loss = loss + float(cfg["pseudo_label_ce_weight"]) * pseudo_label_ce(s_logits, pseudo, entropy, keep)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        valid_counts.append(n_valid)
+        bar.update(1)
     bar.close()
     return {"losses": losses, "valid_classes": valid_counts, "bank_sizes": [q.shape[0] for q in bank.queues]}
 

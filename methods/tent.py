@@ -12,7 +12,8 @@ Adaptation to the matched protocol:
 - **Offline, on target-train.** Tent adapts online on the test stream. sfdabench adapts every method on the
   unlabelled target-*train* split and evaluates the returned model on the disjoint test split, so Tent runs
   ``iterations`` updates on shuffled target-train batches (Tent's own "offline" variant); one update per
-  batch as Tent, the default 100 iterations being about one pass over a ~1.5k-slice split at batch 16.
+  batch as Tent, the default 87 being one pass over the paper protocol's ~1404-slice target-train at batch 16
+  (configs/method/tent.yaml states the scaling).
   Shuffling gives i.i.d. batches; slices in volume order would make each batch a thin slab of one patient.
 - **Statistics at evaluation.** Tent predicts each test batch with that batch's own statistics; the harness
   evaluates every method in eval mode, and a prediction should not depend on which slices share its batch. So

@@ -186,6 +186,11 @@ def _execute(cfg: Mapping[str, Any], registry: Registry, run_dirs: list[Path]) -
     per_case, table = evaluate(adapted, task.target.splits["test"], task.organs, metrics, device=device,
                                batch_size=int(cfg["eval"]["batch_size"]), progress=progress, predictions=predictions)
     timings["evaluate"] = time.perf_counter() - t0
+    # Label-free, for every method: how much of target-train each class covers before and after adaptation.
+    # A collapse (organs vanishing, or painted over the background) shows here without any label.
+    context.diagnostics["prediction_share"] = {
+        stage: prediction_shares(model, target_train, task.organs, device, int(cfg["eval"]["batch_size"]))
+        for stage, model in (("source_model", source.model), ("adapted", adapted))}
     runtime = time.perf_counter() - t_start
 
     from sfdabench.metrics import empty_policy_tag
@@ -223,6 +228,16 @@ def _execute(cfg: Mapping[str, Any], registry: Registry, run_dirs: list[Path]) -
     results.append_rows(results_dir / "leaderboard.csv", rows)
     (run_dir / "done").write_text(summary["finished_at"] + "\n")
     return summary
+
+
+def prediction_shares(model: torch.nn.Module, cases: list[Case], organs: list[str], device: torch.device,
+                      batch_size: int) -> dict[str, float]:
+    """Share of all pixels of ``cases`` that ``model``'s argmax gives each class (background first)."""
+    from sfdabench.self_training import class_shares
+    from sfdabench.training import predict
+
+    labels = predict(model, TargetImages(cases), device=device, batch_size=batch_size)["label"]
+    return class_shares(labels, ["background", *organs])
 
 
 def box_prompt_ceiling(sam, margin: int, cases: list[Case], organs: list[str], progress=None,

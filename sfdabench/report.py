@@ -352,6 +352,12 @@ def render(run: Mapping[str, Any], out: Path, max_cases: int) -> Path:
                         "recall and precision of each stage pooled over the group's slices, against target-train "
                         "ground truth: a stage that loses recall on one outcome (e.g. SAM keeping a small mask "
                         "as stable) shows here.</p>" + _table(grouped, digits=3))
+    shares = diagnostics.get("prediction_share") or {}
+    if shares:
+        sections.append("<h2>How much of target-train each class covers</h2><p class='note'>Share of the "
+                        "target-train pixels the argmax gives each class, before and after adaptation: needs no "
+                        "label, and shows a collapse (organs vanishing, or painted over the background).</p>"
+                        + _table(pd.DataFrame(shares).T.rename_axis("model"), digits=4))
     figures = sorted((Path(run["dir"]) / "figures").glob("*.png"))
     if figures:
         (out / "figures").mkdir(exist_ok=True)

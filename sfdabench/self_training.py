@@ -3,6 +3,8 @@
 
 - :func:`softmax_entropy`: per-pixel Shannon entropy of the softmax (Tent's numerically stable form).
 - :func:`bn_layers`, :func:`reestimate_bn_statistics`: AdaBN's target statistics (also Tent's final statistics).
+- :func:`mean_target_prediction`: the model's mean softmax over every target-train pixel, the weights-only class
+  prior of AdaMI, SHOT's segmentation diversity term and DFG's FA prior option.
 - :func:`target_batches`, :func:`new_volumes`: streaming over the target-train slices and writing per-case
   pseudo-label volumes (memory grows with uint8 volumes only, never with probabilities or features).
 - :func:`train_on_pseudo_labels`: supervised training on pseudo-label volumes in which :data:`IGNORE` marks
@@ -88,6 +90,26 @@ def target_batches(target_train: TargetImages, batch_size: int, context: Context
         yield batch["image"].to(context.device), batch["case_index"].tolist(), batch["slice_index"].tolist()
 
 
+@torch.no_grad()
+def mean_target_prediction(model: nn.Module, target_train: TargetImages, context: Context, batch_size: int = 16,
+                           desc: str = "class prior") -> torch.Tensor:
+    """Mean softmax of ``model`` (eval mode) over every target-train pixel: a (K,) probability vector on the CPU.
+
+    A class-ratio prior that needs nothing but the source weights and the unlabelled target images (no source
+    data, no target labels). Summed in float64 so the result does not depend on the batch size beyond rounding.
+    """
+    was_training = model.training
+    model.eval()
+    total, pixels = None, 0
+    for images, _, _ in target_batches(target_train, batch_size, context, desc):
+        _, logits = model(images)
+        sums = logits.softmax(1).double().sum(dim=(0, 2, 3)).cpu()
+        total = sums if total is None else total + sums
+        pixels += images.shape[0] * images.shape[2] * images.shape[3]
+    model.train(was_training)
+    return (total / pixels).float()
+
+
 def new_volumes(target_train: TargetImages, dtype=np.uint8, fill: int = 0) -> list[np.ndarray]:
     """One (Z, H, W) array per target-train case, to be filled slice by slice."""
     return [np.full(shape, fill, dtype=dtype) for shape in target_train.shapes]
@@ -167,6 +189,19 @@ def class_keep_rates(labels: Sequence[np.ndarray], keep: Sequence[np.ndarray], o
         counts[:, 0] += np.bincount(lab.ravel(), minlength=len(names))[:len(names)]
         counts[:, 1] += np.bincount(lab[k].ravel(), minlength=len(names))[:len(names)]
     return {n: (float(kept / total) if total else float("nan")) for n, (total, kept) in zip(names, counts)}
+
+
+def class_shares(labels: Sequence[np.ndarray], names: Sequence[str], keep: Sequence[np.ndarray] | None = None
+                 ) -> dict[str, float]:
+    """Share of each class among the pixels of label volumes (of the ``keep`` pixels only, when given): the
+    class balance a loss is exposed to, or how much of the image a prediction gives each class. NaN if no
+    pixel counts."""
+    counts = np.zeros(len(names))
+    for i, lab in enumerate(labels):
+        values = lab[keep[i]] if keep is not None else lab
+        counts += np.bincount(values.ravel(), minlength=len(names))[:len(names)]
+    total = counts.sum()
+    return {n: (float(c / total) if total else float("nan")) for n, c in zip(names, counts)}
 
 
 def with_ignored(labels: Sequence[np.ndarray], keep: Sequence[np.ndarray]) -> list[np.ndarray]:

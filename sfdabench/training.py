@@ -137,16 +137,15 @@ def fit(data: torch.utils.data.DataLoader, opt: torch.optim.Optimizer, cfg: Mapp
       ``lr_step_every`` steps. A paper's schedule then keeps its length in steps whatever our dataset size
       (an epoch of a 59-slice target set at batch 8 is 7 steps, of the paper's 1400 slices 175: counting
       epochs silently cuts such a budget 25x).
-    Returns the mean loss per epoch (epoch budget) or per ``lr_step_every`` steps (step budget).
+    Returns the mean loss per pass over ``data`` (the last entry: the steps since the last full pass).
     """
     steps = cfg.get("steps")
     if steps is not None:
         total, period = int(steps), int(cfg.get("lr_step_every", len(data)))
-        report_every = period
     else:
         total = int(cfg["epochs"]) * len(data)
         period = len(data) * int(cfg.get("lr_step_epochs", default_step_epochs))
-        report_every = len(data)
+    report_every = len(data)           # one pass over the data: a loss curve whatever the lr schedule
     gamma = float(cfg.get("lr_gamma", default_gamma))
     history, window = [], []
     bar = progress(total=total, desc=desc) if progress else None

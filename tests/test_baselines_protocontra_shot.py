@@ -8,6 +8,7 @@ import copy
 import math
 
 import pytest
+import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
@@ -56,11 +57,17 @@ def test_ema_prior_update_is_the_mean_transport_assignment():
     assert float(updated.sum()) == pytest.approx(1.0, abs=1e-6)
 
 
-def test_step_schedules_step_at_iteration_zero():
-    pfa = [stepped_lr(1.0, 0.8, 1, 5, it) for it in (0, 4, 5, 10)]
-    assert pfa == pytest.approx([0.8, 0.8, 0.64, 0.512])
-    cl = [stepped_lr(1.0, 0.95, 2, 5, it) for it in (0, 4, 5, 10, 15)]
+def test_step_schedules_follow_the_released_counter_or_dfgs():
+    # released ProtoContra: the first decay follows iteration 5 (iterations 0-5 at the full rate)
+    pfa = [stepped_lr(1.0, 0.8, 1, 5, it) for it in (0, 5, 6, 10, 11)]
+    assert pfa == pytest.approx([1.0, 1.0, 0.8, 0.8, 0.64])
+    cl = [stepped_lr(1.0, 0.95, 2, 5, it) for it in (0, 6, 11, 16, 21)]
     assert cl == pytest.approx([1.0, 1.0, 0.95, 0.95, 0.9025])
+    # DFG's fork steps before iteration 0 as well
+    pfa = [stepped_lr(1.0, 0.8, 1, 5, it, "dfg") for it in (0, 4, 5, 10)]
+    assert pfa == pytest.approx([0.8, 0.8, 0.64, 0.512])
+    with pytest.raises(ValueError, match="lr_counter"):
+        stepped_lr(1.0, 0.8, 1, 5, 0, "torch")
 
 
 @pytest.mark.parametrize("behaviour, classifier_changes", [("intent", False), ("released", True)])
@@ -172,7 +179,7 @@ def test_pseudo_label_ce_drops_high_entropy_pixels_and_reweights():
 
 
 def test_protocontra_variants(tmp_path, target):
-    small = {"pfa.iterations": 2, "pfa.batch_size": 2, "cl.epochs": 1, "cl.batch_size": 2}
+    small = {"pfa.iterations": 2, "pfa.batch_size": 2, "cl.steps": 1, "cl.batch_size": 2}
     assert ProtoContra(method_cfg("protocontra")).variant() == "intent"
     method = ProtoContra(method_cfg("protocontra", behaviour="released", **{"cl.pseudo_label_ce": True}, **small))
     assert method.variant() == "released+plce"
@@ -198,11 +205,36 @@ def test_information_maximisation_matches_the_formula():
     eps = 1e-5
     probs = torch.tensor([[0.5, 0.9], [0.5, 0.1]])                                # (K=2, 2 pixels)
     logits = probs.log().view(1, 2, 1, 2)
-    entropy, diversity = information_maximisation(logits, eps)
     h = [-sum(p * math.log(p + eps) for p in probs[:, i].tolist()) for i in range(2)]
     mean = [0.7, 0.3]
+    # uniform prior: SHOT's diversity -H(mean), shifted by log K
+    entropy, diversity = information_maximisation(logits, torch.full((2,), -math.log(2)), eps)
     assert float(entropy) == pytest.approx(sum(h) / 2, rel=1e-5)
-    assert float(diversity) == pytest.approx(-sum(m * math.log(m + eps) for m in mean), rel=1e-5)
+    assert float(diversity) == pytest.approx(sum(m * math.log(m + eps) for m in mean) + math.log(2), rel=1e-5)
+    # a class-ratio prior: KL(mean || prior), zero when the batch matches it
+    prior = torch.tensor([0.7, 0.3])
+    _, at_prior = information_maximisation(logits, prior.log(), eps)
+    assert float(at_prior) == pytest.approx(0.0, abs=1e-4)
+    _, off_prior = information_maximisation(logits, torch.tensor([0.9, 0.1]).log(), eps)
+    assert float(off_prior) == pytest.approx(0.7 * math.log(0.7 / 0.9) + 0.3 * math.log(0.3 / 0.1), rel=1e-3)
+    _, none = information_maximisation(logits, None, eps)
+    assert float(none) == 0.0
+
+
+def test_shot_diversity_prior_is_the_source_models_mean_prediction(tmp_path, target):
+    from sfdabench.self_training import mean_target_prediction
+    from sfdabench_methods.shot import diversity_log_prior
+    model = tiny_model()
+    ctx, _ = make_context(tmp_path, [c.label for c in target])
+    log_prior = diversity_log_prior("source_prediction", model, TargetImages(target), ctx, 4)
+    expected = mean_target_prediction(model, TargetImages(target), ctx, 4)
+    assert torch.allclose(log_prior.exp(), expected.clamp_min(1e-6), atol=1e-6)
+    assert set(ctx.diagnostics["shot_prior"]) == {"background", *ctx.organs}
+    assert torch.allclose(diversity_log_prior("uniform", model, TargetImages(target), ctx, 4).exp(),
+                          torch.full((ctx.num_classes,), 1 / ctx.num_classes))
+    assert diversity_log_prior("none", model, TargetImages(target), ctx, 4) is None
+    with pytest.raises(ValueError, match="diversity='flat' unknown"):
+        diversity_log_prior("flat", model, TargetImages(target), ctx, 4)
 
 
 def test_clustering_recovers_separable_clusters():
@@ -219,10 +251,32 @@ def test_clustering_recovers_separable_clusters():
     assert torch.equal(labels, truth)
 
 
-@pytest.mark.parametrize("cls_weight, variant", [(0.3, "im+cluster"), (0.0, "im")])
-def test_shot_freezes_the_hypothesis_and_trains_the_features(tmp_path, target, cls_weight, variant):
-    method = SHOT(method_cfg("shot", epochs=2, batch_size=2, cls_weight=cls_weight, centroid_pixels_per_slice=64))
+def test_shot_foreground_scope_keeps_the_models_background(tmp_path, target):
+    from sfdabench.training import predict_target
+    from sfdabench_methods.shot import clustering_pseudo_labels
+    model = tiny_model(3)
+    ctx, _ = make_context(tmp_path, [c.label for c in target])
+    images = TargetImages(target)
+    argmax = np.concatenate(predict_target(model, images, ctx)["label"])
+    cfg = dict(method_cfg("shot", centroid_pixels_per_slice=64))
+    labels = {scope: np.concatenate(clustering_pseudo_labels(model, images, {**cfg, "cluster_scope": scope}, ctx,
+                                                             torch.Generator().manual_seed(0)))
+              for scope in ("all", "foreground")}
+    assert (argmax == 0).any() and (argmax > 0).any()
+    assert (labels["foreground"][argmax == 0] == 0).all()
+    # organ pixels get the same clustering label in both scopes (same generator: same centroids)
+    assert np.array_equal(labels["foreground"][argmax > 0], labels["all"][argmax > 0])
+    with pytest.raises(ValueError, match="cluster_scope"):
+        clustering_pseudo_labels(model, images, {**cfg, "cluster_scope": "organs"}, ctx, torch.Generator())
+
+
+@pytest.mark.parametrize("cls_weight, diversity, variant", [(0.3, "source_prediction", "im+prior+cluster-fg"),
+                                                          (0.0, "uniform", "im"), (0.0, "none", "ent")])
+def test_shot_freezes_the_hypothesis_and_trains_the_features(tmp_path, target, cls_weight, diversity, variant):
+    method = SHOT(method_cfg("shot", steps=4, pseudo_label_every=2, batch_size=2, cls_weight=cls_weight,
+                             diversity=diversity, centroid_pixels_per_slice=64))
     assert method.variant() == variant
+    assert SHOT(method_cfg("shot", diversity="uniform", cluster_scope="all")).variant() == "im+cluster"  # SHOT
     model = tiny_model()
     before = copy.deepcopy(model.state_dict())
     ctx, _ = make_context(tmp_path, [c.label for c in target])
@@ -231,5 +285,8 @@ def test_shot_freezes_the_hypothesis_and_trains_the_features(tmp_path, target, c
     assert not torch.equal(before["inc.0.weight"], after["inc.0.weight"])
     assert model.classifier.weight.requires_grad
     stages = set(ctx.diagnostics.get("pseudo_label_dice", {}))
-    assert stages == ({"clustering_epoch0", "clustering_epoch1"} if cls_weight else set())
-    assert math.isfinite(ctx.diagnostics["shot_loss"]["last"])
+    assert stages == ({"clustering_step0", "clustering_step2"} if cls_weight else set())
+    assert math.isfinite(ctx.diagnostics["shot_loss"]["loss"]["last"])
+    if cls_weight:
+        share = ctx.diagnostics["shot_label_share"]["last"]
+        assert set(share) == {"background", *ctx.organs} and sum(share.values()) == pytest.approx(1.0)

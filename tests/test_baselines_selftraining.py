@@ -13,11 +13,11 @@ from torch import nn
 
 from sfdabench.api import SamBackend, SamEmbedding, TargetImages
 from sfdabench.nets import build_segmenter
-from sfdabench.self_training import IGNORE, bn_layers, masked_cross_entropy, softmax_entropy
+from sfdabench.self_training import (IGNORE, bn_layers, masked_cross_entropy, mean_target_prediction,
+                                     softmax_entropy)
 from sfdabench.training import predict_target
 from sfdabench_methods.adabn import AdaBN
-from sfdabench_methods.adami import (class_proportions, fixed_prior, proportion_kl, source_prediction_prior,
-                                     weighted_entropy)
+from sfdabench_methods.adami import class_proportions, fixed_prior, proportion_kl, weighted_entropy
 from sfdabench_methods.dpl import (denoised_pseudo_labels, mc_dropout_mode, mc_pseudo_labels,
                                    prototype_agreement, prototype_sums, with_dropout)
 from sfdabench_methods.pseudo_label import entropy_filtered_pseudo_labels
@@ -154,7 +154,7 @@ def test_adami_kl_is_zero_at_the_prior_and_positive_elsewhere():
 
 def test_adami_prior_from_source_predictions_is_the_mean_softmax(tmp_path, net, target):
     ctx, _ = make_context(tmp_path, [c.label for c in target])
-    prior = source_prediction_prior(net, TargetImages(target), ctx, batch_size=3)
+    prior = mean_target_prediction(net, TargetImages(target), ctx, batch_size=3)
     assert prior.shape == (K,) and bool((prior >= 0).all()) and float(prior.sum()) == pytest.approx(1.0, abs=1e-6)
     probs = predict_target(net, TargetImages(target), ctx, want=("probs",))["probs"]
     expected = np.concatenate(probs).mean(axis=(0, 2, 3))
@@ -171,6 +171,15 @@ def test_adami_weighted_entropy_with_equal_weights_is_the_mean_entropy():
     assert float(value) == pytest.approx(float(softmax_entropy(logits).mean()), rel=1e-5)
 
 
+def test_class_shares_count_all_or_only_the_kept_pixels():
+    from sfdabench.self_training import class_shares
+    labels = [np.array([[0, 0, 1], [2, 0, 1]]), np.array([[1, 1]])]
+    keep = [np.array([[True, False, True], [True, True, False]]), np.array([[False, False]])]
+    assert class_shares(labels, ["bg", "a", "b"]) == pytest.approx({"bg": 3 / 8, "a": 4 / 8, "b": 1 / 8})
+    assert class_shares(labels, ["bg", "a", "b"], keep) == pytest.approx({"bg": 0.5, "a": 0.25, "b": 0.25})
+    assert all(v != v for v in class_shares(labels, ["bg", "a", "b"], [k & False for k in keep]).values())
+
+
 # ---------------------------------------------------------------------------------------------- DPL
 
 
@@ -181,28 +190,51 @@ def test_dpl_denoising_keeps_pixels_near_their_own_prototype():
     labels = torch.tensor([[[0, 0, 1, 1, 1, 2]]])
     certain = torch.tensor([[[True, True, True, True, False, False]]])
     probs = F.one_hot(labels, 3).permute(0, 3, 1, 2).float()
-    sums, weights = prototype_sums(feats, probs, labels, certain)
+    sums, weights, rest_sums, rest_weights = prototype_sums(feats, probs, labels, certain)
     assert weights.tolist() == [2.0, 2.0, 0.0]
     prototypes = sums / weights.clamp(min=1e-12)[:, None]
     assert torch.allclose(prototypes[:2].float(), torch.tensor([[0.25, 0.0], [9.5, 0.5]]))
-    keep = prototype_agreement(feats, labels, prototypes, weights > 0)[0, 0].tolist()
+    # DPL's "rest" prototype of class k: certain pixels not labelled k, weighted by 1 - p_k
+    assert rest_weights.tolist() == [2.0, 2.0, 4.0]
+    rest = rest_sums / rest_weights.clamp(min=1e-12)[:, None]
+    assert torch.allclose(rest.float(), torch.tensor([[9.5, 0.5], [0.25, 0.0], [4.875, 0.25]]))
+    nearest = prototype_agreement(feats, labels, prototypes, weights > 0)[0, 0].tolist()
+    one_vs_rest = prototype_agreement(feats, labels, prototypes, weights > 0, rest)[0, 0].tolist()
     # pixel 4 is labelled 1 but sits at the class-0 prototype: dropped; pixel 5's class has no prototype
-    assert keep == [True, True, True, True, False, False]
+    assert nearest == one_vs_rest == [True, True, True, True, False, False]
+
+
+def test_dpl_one_vs_rest_is_milder_than_nearest_for_an_organ_between_two_others():
+    # class 1's pixel at x=4 is nearer class 2's prototype (x=5) than its own (x=0), but nearer its own
+    # prototype than the mean of everything else (x~6.7): DPL keeps it, the nearest-prototype rule does not.
+    feats = torch.tensor([[0.0, 4.0, 5.0, 15.0]]).view(1, 1, 1, 4)
+    labels = torch.tensor([[[1, 1, 2, 0]]])
+    prototypes = torch.tensor([[15.0], [0.0], [5.0]], dtype=torch.float64)
+    rest = torch.tensor([[2.5], [10.0], [7.5]], dtype=torch.float64)
+    has = torch.tensor([True, True, True])
+    assert prototype_agreement(feats, labels, prototypes, has)[0, 0].tolist() == [True, False, True, True]
+    assert prototype_agreement(feats, labels, prototypes, has, rest)[0, 0].tolist() == [True, True, True, True]
 
 
 def test_dpl_mc_pseudo_labels_threshold_and_uncertainty():
     mean = torch.tensor([[0.2, 0.8], [0.3, 0.1], [0.5, 0.1]]).view(1, 3, 1, 2)   # (B, K, H, W)
     std = torch.tensor([[0.01, 0.2], [0.01, 0.0], [0.3, 0.0]]).view(1, 3, 1, 2)
-    labels, certain = mc_pseudo_labels(mean, std, foreground_threshold=0.75, uncertainty_threshold=0.05)
+    labels, certain = mc_pseudo_labels(mean, std, 0.75, 0.05, "background")
     # pixel 0: class 2 wins with p 0.5 <= 0.75 -> background (its std 0.01: certain); pixel 1: background, std 0.2
     assert labels.tolist() == [[[0, 0]]] and certain.tolist() == [[[True, False]]]
+    labels, certain = mc_pseudo_labels(mean, std, 0.75, 0.05, "ignore")
+    # ignore: pixel 0 keeps its argmax (class 2) for scoring but is never trained on
+    assert labels.tolist() == [[[2, 0]]] and certain.tolist() == [[[False, False]]]
+    with pytest.raises(ValueError, match="low_confidence"):
+        mc_pseudo_labels(mean, std, 0.75, 0.05, "drop")
 
 
-def test_dpl_mc_dropout_passes_differ_but_eval_passes_do_not(net):
+@pytest.mark.parametrize("at, layer", [("classifier_input", nn.Dropout), ("decoder_blocks", nn.Dropout2d)])
+def test_dpl_mc_dropout_passes_differ_but_eval_passes_do_not(net, at, layer):
     x = torch.rand(2, 3, 24, 24)
-    model = with_dropout(net, 0.3)
+    model = with_dropout(net, 0.3, at)
     assert set(model.state_dict()) == set(net.state_dict())
-    assert any(isinstance(m, nn.Dropout2d) for m in model.modules())
+    assert any(type(m) is layer for m in model.modules())
     with torch.no_grad():
         model.eval(), net.eval()
         assert torch.equal(model(x)[1], model(x)[1])
@@ -210,6 +242,10 @@ def test_dpl_mc_dropout_passes_differ_but_eval_passes_do_not(net):
         mc_dropout_mode(model)
         assert not any(m.training for m in bn_layers(model))        # BN keeps its running statistics
         assert not torch.equal(model(x)[1], model(x)[1])
+        if at == "classifier_input":                                # prototypes use pre-dropout features
+            assert torch.equal(model(x)[0], model(x)[0])
+    with pytest.raises(ValueError, match="dropout_at"):
+        with_dropout(net, 0.3, "encoder")
 
 
 def test_dpl_pseudo_labels_are_reproducible_and_leave_the_global_rng_alone(tmp_path, net, target):
@@ -226,6 +262,9 @@ def test_dpl_pseudo_labels_are_reproducible_and_leave_the_global_rng_alone(tmp_p
     assert all(np.array_equal(a, b) for a, b in zip(labels + keep, labels2 + keep2))
     assert 0 < stats["certain"] <= 1
     assert sum(k.sum() for k in keep) <= stats["certain"] * sum(k.size for k in keep) + 1e-6
+    names = {"background", *ctx.organs}
+    assert set(stats["certain_by_class"]) == set(stats["prototype_agrees_by_class"]) == names
+    assert sum(v for v in stats["trained_pixel_share"].values() if v == v) == pytest.approx(1.0)
 
 
 # -------------------------------------------------------------------------------------- pseudo_label

@@ -52,6 +52,10 @@ def test_tiny_phantom_run_end_to_end(tmp_path):
         assert (run_dir / name).exists(), name
     env = json.loads((run_dir / "environment.json").read_text())
     assert {"python", "torch", "numpy", "medpy", "git_rev", "plugins"} <= set(env)
+    # label-free class shares of target-train, before and after adaptation (source_only: the same model)
+    shares = json.loads((run_dir / "summary.json").read_text())["diagnostics"]["prediction_share"]
+    assert shares["source_model"] == shares["adapted"]
+    assert list(shares["adapted"])[0] == "background" and sum(shares["adapted"].values()) == pytest.approx(1.0)
     board = pd.read_csv(results / "leaderboard.csv")
     assert set(LEADERBOARD_COLUMNS) <= set(board.columns)
     assert list(board["organ"]) == ["spleen", "right_kidney", "left_kidney", "liver", "mean"]

@@ -50,7 +50,8 @@ def test_report_page_holds_every_section(report):
     text = report.read_text()
     for needle in ("Protocol", "source checkpoint", "checkpoint selection", "ASD/HD95 unit", "empty-mask policy",
                    "Target-test metrics per organ", "Prediction vs ground truth", "Pseudo-label quality per phase",
-                   "gt_box_ceiling", "box-search efficiency", "Box search", "Timings", "Per case"):
+                   "gt_box_ceiling", "box-search efficiency", "Box search", "Timings", "Per case",
+                   "How much of target-train each class covers"):
         assert needle in text, needle
     images = re.findall(r"<img src='([^']+)'", text)
     assert any(i.startswith("overlay_") for i in images) and any(i.startswith("figures/") for i in images)

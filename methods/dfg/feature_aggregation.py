@@ -24,6 +24,7 @@ from torch import nn
 
 from sfdabench.api import Context, TargetImages
 from sfdabench.losses import bidirectional_transport_loss
+from sfdabench.self_training import mean_target_prediction
 from sfdabench.training import Augment, forever, loader, make_optimizer
 
 
@@ -70,15 +71,6 @@ def class_log_prior(model: nn.Module, target_train: TargetImages, cfg: Mapping[s
         raise ValueError(f"fa.prior={prior!r} unknown; use one of {', '.join(PRIORS)}")
     if prior == "uniform":
         return torch.full((num_classes,), -math.log(num_classes), device=context.device)
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(num_classes, dtype=torch.float64)
-    pixels = 0
-    for batch in torch.utils.data.DataLoader(target_train, batch_size=16, shuffle=False, num_workers=0,
-                                             generator=torch.Generator()):
-        _, logits = model(batch["image"].to(context.device))
-        total += logits.softmax(1).sum(dim=(0, 2, 3)).double().cpu()
-        pixels += logits.shape[0] * logits.shape[2] * logits.shape[3]
-    model.train(was_training)
+    mean = mean_target_prediction(model, target_train, context, batch_size=16, desc="FA prior")
     # a class the model never predicts keeps a small mass, so log pi stays finite
-    return (total / pixels).clamp_min(1e-6).log().float().to(context.device)
+    return mean.clamp_min(1e-6).log().to(context.device)

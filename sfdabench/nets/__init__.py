@@ -17,4 +17,5 @@ def build_segmenter(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
         raise ValueError(f"unknown architecture '{arch}'; available: {', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[arch](in_channels=int(cfg.get("in_channels", 3)), num_classes=num_classes,
                                width=int(cfg.get("width", 64)), depth=int(cfg.get("depth", 4)),
-                               dropout=float(cfg.get("dropout", 0.0)))
+                               dropout=float(cfg.get("dropout", 0.0)),
+                               classifier_dropout=float(cfg.get("classifier_dropout", 0.0)))

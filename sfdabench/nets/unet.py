@@ -49,13 +49,16 @@ class UNet(nn.Module):
     """U-Net returning ``(features, logits)``; ``classifier`` is the bias-free 1x1 prototype layer."""
 
     def __init__(self, in_channels: int = 3, num_classes: int = 5, width: int = 64, depth: int = 4,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, classifier_dropout: float = 0.0):
         super().__init__()
         widths = [width * 2**i for i in range(depth + 1)]
         self.inc = DoubleConv(in_channels, widths[0])
         self.downs = nn.ModuleList(
             nn.Sequential(nn.MaxPool2d(2), DoubleConv(widths[i], widths[i + 1])) for i in range(depth))
         self.ups = nn.ModuleList(Up(widths[i + 1], widths[i], dropout) for i in reversed(range(depth)))
+        # Element-wise dropout on the classifier input, for MC-dropout methods (DPL's placement). Neither dropout
+        # has weights, so state dicts load across all settings; the features returned are taken before it.
+        self.classifier_dropout = nn.Dropout(classifier_dropout) if classifier_dropout > 0 else nn.Identity()
         self.classifier = nn.Conv2d(widths[0], num_classes, kernel_size=1, bias=False)
         self.num_classes = num_classes
         self.feature_dim = widths[0]
@@ -67,4 +70,4 @@ class UNet(nn.Module):
         h = skips.pop()
         for up in self.ups:
             h = up(h, skips.pop())
-        return h, self.classifier(h)
+        return h, self.classifier(self.classifier_dropout(h))
