@@ -34,3 +34,15 @@ def sample_data() -> Path:
     if not root or not Path(root).is_dir():
         pytest.skip(f"real sample data not available: set {SAMPLE_DATA_ENV} to the shared data folder")
     return Path(root)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only contend on the shared CI cores (100x slower under load). Modules of
+    such tests opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
