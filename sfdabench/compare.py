@@ -31,7 +31,7 @@ import pandas as pd
 
 from sfdabench import leaderboard as lb
 from sfdabench.api import UsageError
-from sfdabench.results import read_rows, source_model
+from sfdabench.results import source_model
 
 log = logging.getLogger("sfdabench")
 ALIGN = ["task", "method", "variant", "organ"]
@@ -94,28 +94,14 @@ def common_seeds(a: Side, b: Side, allow_mixed: Sequence[str] = ()) -> tuple[Sid
 
 
 def per_case_values(rows: pd.DataFrame, results_dir: Path) -> tuple[pd.DataFrame, list[str]]:
-    """Per-case metrics of the leaderboard's runs, from ``results_dir/runs/*__<run_id>/per_case.csv``."""
-    runs = rows.drop_duplicates("run_id") if "run_id" in rows else rows.iloc[:0]
-    folders = lb.run_folders(results_dir)
-    frames, missing = [], []
-    for run in runs.itertuples(index=False):
-        path = folders.get(str(run.run_id), Path("/nonexistent")) / "per_case.csv"
-        if not path.is_file():
-            missing.append(str(run.run_id))
-            continue
-        cases = read_rows(path, lb.METRICS)
-        metrics = [m for m in lb.METRICS if m in cases]
-        cases = cases[["case", "organ", *metrics]]
-        # The overall ("mean") row pairs each case's mean over organs, as the leaderboard's mean row
-        # averages organs.
-        overall = cases.groupby("case", sort=False)[metrics].mean().reset_index().assign(organ="mean")
-        cases = pd.concat([cases, overall], ignore_index=True)
-        for col in ("task", "method", "variant", "seed"):
-            cases[col] = getattr(run, col)
-        frames.append(cases)
-    if not frames:
+    """Per-case metrics of the leaderboard's runs (leaderboard.per_case_values: the run folders'
+    ``per_case.csv``, with each case's mean over organs as organ ``mean``), keyed by :data:`CASE_KEY`."""
+    cases, missing = lb.per_case_values(rows, results_dir)
+    if not len(cases):
         return pd.DataFrame(columns=CASE_KEY + list(lb.METRICS)), missing
-    return pd.concat(frames, ignore_index=True), missing
+    runs = rows.drop_duplicates("run_id")[["run_id", "task", "method", "variant", "seed"]].astype({"run_id": str})
+    cases = cases.merge(runs, on="run_id")
+    return cases[CASE_KEY + [m for m in lb.METRICS if m in cases]], missing
 
 
 def wilcoxon(a: np.ndarray, b: np.ndarray) -> tuple[float, int]:

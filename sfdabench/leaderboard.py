@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from sfdabench import gap_closed
+from sfdabench import gap_closed, statistics
 from sfdabench.api import UsageError
 from sfdabench.results import METRIC_COLUMNS, read_rows, source_model
 
@@ -104,6 +104,133 @@ def run_folders(results_dir: str | Path) -> dict[str, Path]:
     if not runs.is_dir():
         return {}
     return {d.name.rsplit("__", 1)[-1]: d for d in runs.iterdir() if d.is_dir()}
+
+
+CASES_SUFFIX = "_cases"  # <task>_cases.csv: the per-case rows exported beside <task>.csv
+
+
+def per_case_values(rows: pd.DataFrame, results_dir: Path) -> tuple[pd.DataFrame, list[str]]:
+    """Per-case metrics of the rows' runs, from ``results_dir/runs/*__<run_id>/per_case.csv``: columns
+    ``run_id, case, organ`` and the metrics, plus an organ ``mean`` per case (its mean over organs, as a row's
+    ``mean`` averages organs). Also the run ids without a per_case.csv."""
+    runs = rows.drop_duplicates("run_id") if "run_id" in rows else rows.iloc[:0]
+    folders = run_folders(results_dir)
+    frames, missing = [], []
+    for run_id in runs["run_id"].astype(str) if len(runs) else []:
+        path = folders.get(run_id, Path("/nonexistent")) / "per_case.csv"
+        if not path.is_file():
+            missing.append(run_id)
+            continue
+        frames.append(read_rows(path, METRICS).assign(run_id=run_id))
+    return with_case_means(pd.concat(frames, ignore_index=True) if frames else None), missing
+
+
+def with_case_means(cases: pd.DataFrame | None) -> pd.DataFrame:
+    """``cases`` (per-case rows of organs) with each (run, case)'s mean over organs as organ ``mean``."""
+    if cases is None or not len(cases):
+        return pd.DataFrame(columns=["run_id", "case", "organ", *METRICS])
+    metrics = [m for m in METRICS if m in cases]
+    cases = cases[cases["organ"] != "mean"]
+    overall = (cases.groupby(["run_id", "case"], sort=False)[metrics].mean().reset_index()
+               .assign(organ="mean"))
+    return pd.concat([cases, overall], ignore_index=True)
+
+
+def exported_cases_path(rows_csv: Path) -> Path:
+    return rows_csv.with_name(rows_csv.stem + CASES_SUFFIX + ".csv")
+
+
+def load_cases(inputs: Sequence[str | Path], rows: pd.DataFrame) -> pd.DataFrame:
+    """Per-case values of the runs in ``rows``: from the run folders of each input's results dir, or from the
+    ``<name>_cases.csv`` exported beside an input CSV (committed reference leaderboards)."""
+    frames = []
+    for path in inputs:
+        csv = resolve_input(path)
+        exported = exported_cases_path(csv)
+        if exported.is_file():
+            frames.append(with_case_means(read_rows(exported, METRICS)))
+        found, _ = per_case_values(rows, csv.parent)
+        frames.append(found)
+    cases = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else \
+        with_case_means(None)
+    return cases.drop_duplicates(["run_id", "case", "organ"], keep="last").reset_index(drop=True)
+
+
+TIMINGS_SUFFIX = "_timings"  # <task>_timings.csv: the runs' phase timings exported beside <task>.csv
+
+
+def run_timings(rows: pd.DataFrame, results_dir: Path) -> pd.DataFrame:
+    """Phase timings (``run_id, phase, seconds``) of the rows' runs, from each run folder's summary.json."""
+    import json
+
+    folders = run_folders(results_dir)
+    records = []
+    for run_id in dict.fromkeys(rows["run_id"].astype(str)) if "run_id" in rows else []:
+        path = folders.get(run_id, Path("/nonexistent")) / "summary.json"
+        if path.is_file():
+            timings = json.loads(path.read_text()).get("timings") or {}
+            records += [{"run_id": run_id, "phase": k, "seconds": float(v)} for k, v in timings.items()]
+    return pd.DataFrame(records, columns=["run_id", "phase", "seconds"])
+
+
+def load_timings(inputs: Sequence[str | Path], rows: pd.DataFrame) -> pd.DataFrame:
+    """Phase timings of the runs in ``rows``: from run folders, or the exported ``<name>_timings.csv``."""
+    frames = []
+    for path in inputs:
+        csv = resolve_input(path)
+        exported = csv.with_name(csv.stem + TIMINGS_SUFFIX + ".csv")
+        if exported.is_file():
+            frames.append(read_rows(exported, ["seconds"])[["run_id", "phase", "seconds"]])
+        frames.append(run_timings(rows, csv.parent))
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return pd.DataFrame(columns=["run_id", "phase", "seconds"])
+    return pd.concat(frames, ignore_index=True).drop_duplicates(["run_id", "phase"], keep="last")
+
+
+def costs(rows: pd.DataFrame, timings: pd.DataFrame) -> pd.DataFrame:
+    """Cost per (task, method, variant): runs, mean seconds per run without source-model training, and the
+    mean seconds of each phase (``phase:<name>`` columns). The source model is trained once per (task, seed)
+    by whichever run needs it first and cached for the others, so its training is a row of its own
+    (method ``(source model)``): per (task, seed) the longest ``source_model`` phase."""
+    if not len(timings) or "run_id" not in rows:
+        return pd.DataFrame()
+    runs = rows.drop_duplicates("run_id")[["task", "method", "variant", "seed", "run_id"]]
+    t = timings.merge(runs, on="run_id")
+    wide = t.pivot_table(index=["task", "method", "variant", "seed", "run_id"], columns="phase", values="seconds",
+                         aggfunc="sum").reset_index()
+    phases = [c for c in wide.columns if c not in ("task", "method", "variant", "seed", "run_id")]
+    source = wide.groupby(["task", "seed"])["source_model"].max() if "source_model" in wide else None
+    top = [p for p in phases if "/" not in p and p != "source_model"]
+    wide["seconds"] = wide[top].sum(axis=1, min_count=1)
+    table = wide.groupby(["task", "method", "variant"], sort=True).agg(
+        runs=("run_id", "nunique"), seconds=("seconds", "mean"),
+        **{f"phase:{p}": (p, "mean") for p in phases if p != "source_model"}).reset_index()
+    if source is not None:
+        src = source.groupby("task").agg(["mean", "count"]).reset_index()
+        src = pd.DataFrame({"task": src["task"], "method": "(source model)", "variant": "training",
+                            "runs": src["count"], "seconds": src["mean"]})
+        table = pd.concat([src, table], ignore_index=True)
+    return table
+
+
+def costs_markdown(table: pd.DataFrame) -> str:
+    """Per task: seconds per run and where they go, and the cost of one seed of every listed method."""
+    out = []
+    for task, tab in table.groupby("task", sort=False):
+        lines = []
+        for _, r in tab.iterrows():
+            subs = sorted(((c.split(":", 1)[1].split("/", 1)[1], r[c]) for c in tab.columns
+                           if c.startswith("phase:adapt/") and pd.notna(r[c])), key=lambda kv: -kv[1])
+            lines.append([r["method"], r["variant"], str(int(r["runs"])), f"{r['seconds']:.0f}",
+                          ", ".join(f"{k} {v:.0f}" for k, v in subs)])
+        per_seed = tab["seconds"].sum()
+        out.append(f"### {task}\n\nSeconds per run (mean over its runs; the source model's training is its own row: "
+                   f"it runs once per task and seed and is cached for every method). One seed of every row: "
+                   f"{per_seed:.0f} s ({per_seed / 3600:.2f} h of one core).\n\n"
+                   + markdown_table(["method", "variant", "runs", "seconds per run", "adapt phases (s)"], lines,
+                                    ["l", "l", "r", "r", "l"]))
+    return "\n\n".join(out) + "\n"
 
 
 # -------------------------------------------------------------------------------------- protocol
@@ -193,8 +320,11 @@ def organ_order(rows: pd.DataFrame) -> list[str]:
     return organs + (["mean"] if (rows["organ"] == "mean").any() else [])
 
 
-def aggregate(rows: pd.DataFrame, allow_mixed: Iterable[str] = ()) -> pd.DataFrame:
-    """Per (key, organ): mean, std (ddof=1), n over seeds of each metric; ranks among SFDA rows."""
+def aggregate(rows: pd.DataFrame, allow_mixed: Iterable[str] = (), cases: pd.DataFrame | None = None
+              ) -> pd.DataFrame:
+    """Per (key, organ): mean, std (ddof=1), n and a 95% t interval over seeds of each metric; ranks among SFDA
+    rows by mean; the paired difference to ``source_only`` and significance ranks (sfdabench.statistics),
+    over the per-case values in ``cases`` where every run has them, else over seeds."""
     check_protocol(rows, allow_mixed)
     key = group_key(allow_mixed)
     rows = latest_run_per_seed(rows, key)
@@ -215,8 +345,11 @@ def aggregate(rows: pd.DataFrame, allow_mixed: Iterable[str] = ()) -> pd.DataFra
     for col in ("asd_unit", "empty_policy", "metric_version", "data_protocol"):
         if col in rows and col not in key:
             table[col] = grouped[col].agg(lambda s: "/".join(dict.fromkeys(v for v in s if v)))
+    if "n_cases" in rows:
+        table["n_cases"] = grouped["n_cases"].agg(lambda s: "/".join(map(str, sorted(set(s.dropna().astype(int))))))
     table = table.reset_index()
     table = _rank(table, key, metrics)
+    table = _uncertainty(table, rows, with_case_means(None) if cases is None else cases, key, metrics)
     organs = organ_order(rows)
     table["_organ"] = table["organ"].map({o: i for i, o in enumerate(organs)})
     sort = [c for c in key if c != "task"]
@@ -224,6 +357,62 @@ def aggregate(rows: pd.DataFrame, allow_mixed: Iterable[str] = ()) -> pd.DataFra
     table = table.reset_index(drop=True)
     table.attrs["key"] = key  # for rendering: which columns tell groups apart
     table.attrs["gap_notes"] = gap_notes
+    return table
+
+
+REFERENCE = gap_closed.LOWER  # the paired differences' reference method
+
+
+def _uncertainty(table: pd.DataFrame, rows: pd.DataFrame, cases: pd.DataFrame, key: Sequence[str],
+                 metrics: Sequence[str]) -> pd.DataFrame:
+    """Add per metric: ``<m>_ci_low/high`` (t over seeds), ``<m>_diff_*`` (paired difference to
+    :data:`REFERENCE`: mean, ci_low, ci_high, p, n pairs, test) and ``sig_wins_<m>``/``sig_rank_<m>``
+    (significance ranking among SFDA groups of a task and organ)."""
+    rows = rows.assign(source=source_model(rows) if "seed" in rows else "")
+    if "seed" not in rows:
+        rows = rows.assign(seed=0)
+    runs = rows.drop_duplicates("run_id") if "run_id" in rows else rows.iloc[:0]
+    cases = cases[["run_id", "case", "organ", *[m for m in metrics if m in cases]]]
+    cases = cases[cases["run_id"].isin(set(runs["run_id"]))] if len(runs) else cases.iloc[:0]
+    cases = cases.merge(runs[[*key, "seed", "source", "run_id"]], on="run_id")
+    has_cases = set(cases["run_id"])
+    within = ["task", "organ"] + [c for c in key if c not in KEY]
+    group_cols = list(key) + ["organ"]
+    index = {k: i for i, k in enumerate(table[group_cols].itertuples(index=False, name=None))}
+    out = {f"{m}_{c}": [np.nan] * len(table) for m in metrics
+           for c in ("ci_low", "ci_high", "diff_mean", "diff_ci_low", "diff_ci_high", "diff_p")}
+    out.update({f"{m}_diff_n": [0] * len(table) for m in metrics})
+    out.update({f"{m}_diff_test": [""] * len(table) for m in metrics})
+    out.update({f"sig_{w}_{m}": [pd.NA] * len(table) for m in metrics for w in ("wins", "rank")})
+    for _, part in rows.groupby(within, sort=False, dropna=False):
+        groups = {g: grp for g, grp in part.groupby(group_cols, sort=False, dropna=False)}
+        by_case = {g: set(grp["run_id"]) <= has_cases if "run_id" in grp else False for g, grp in groups.items()}
+        values = {g: (cases.merge(grp[[*group_cols, "run_id"]].drop_duplicates(), on=[*group_cols, "run_id"])
+                      if by_case[g] else grp) for g, grp in groups.items()}
+        ref = sorted((g for g in groups if g[list(key).index("method")] == REFERENCE),
+                     key=lambda g: str(g[list(key).index("variant")]))
+        sfda = [g for g in groups if bool(groups[g]["sfda"].all())] if "sfda" in part else list(groups)
+        for metric in metrics:
+            for g, grp in groups.items():
+                low, high = statistics.t_interval(grp[metric].to_numpy(dtype=float))
+                out[f"{metric}_ci_low"][index[g]], out[f"{metric}_ci_high"][index[g]] = low, high
+                if ref and g != ref[0]:
+                    both = by_case[g] and by_case[ref[0]]
+                    d = statistics.paired_difference(values[g] if both else grp,
+                                                     values[ref[0]] if both else groups[ref[0]], metric,
+                                                     by_case=both)
+                    for name, v in (("mean", d.mean), ("ci_low", d.ci_low), ("ci_high", d.ci_high), ("p", d.p),
+                                    ("n", d.n), ("test", d.test)):
+                        out[f"{metric}_diff_{name}"][index[g]] = v
+            if len(sfda) >= 1:
+                all_cases = all(by_case[g] for g in sfda)
+                wins, ranks = statistics.significance_ranks([values[g] if all_cases else groups[g] for g in sfda],
+                                                            metric, HIGHER_IS_BETTER[metric], by_case=all_cases)
+                for g, w, r in zip(sfda, wins, ranks):
+                    out[f"sig_wins_{metric}"][index[g]], out[f"sig_rank_{metric}"][index[g]] = w, r
+    for col, vals in out.items():
+        table[col] = pd.array(vals, dtype="Int64") if col.startswith("sig_") or col.endswith("_diff_n") else vals
+    table.attrs["reference"] = REFERENCE
     return table
 
 
@@ -265,41 +454,87 @@ DIGITS = {"dice": 3, "asd": 2, "hd95": 2, "gap_closed": 2, "gap_closed_asd": 2, 
 
 
 def to_markdown(summary: pd.DataFrame) -> str:
-    """One table per task: Dice per organ (organs as columns), mean Dice/ASD/HD95, ranks."""
+    """One table per task: Dice per organ (organs as columns), mean Dice with its interval, the paired
+    difference to the reference, ASD/HD95; rows by significance rank (ties: the data cannot separate them)."""
     key = list(summary.attrs.get("key", KEY))
+    reference = summary.attrs.get("reference", REFERENCE)
     out = []
     for task, tab in summary.groupby("task", sort=False):
         organs = [o for o in dict.fromkeys(tab["organ"]) if o != "mean"]
         unit = "/".join(dict.fromkeys(tab["asd_unit"])) if "asd_unit" in tab else "?"
         selection = "/".join(dict.fromkeys(tab["selection"].astype(str)))
         extra = [c for c in key if c not in KEY] + (["sam"] if tab["sam"].ne("").any() else [])
-        header = ["rank", "method", "variant", *extra, "seeds", *organs, "Dice (mean)", "gap closed",
-                  f"ASD ({unit})", f"HD95 ({unit})", "rank ASD", "rank HD95"]
-        align = ["r", "l", "l", *["l"] * len(extra), "r", *["r"] * (len(organs) + 6)]
+        header = ["rank", "method", "variant", *extra, "seeds", "cases", *organs, "Dice (mean) [95% CI]",
+                  f"Δ Dice vs {reference} [95% CI], p", "gap closed", f"ASD ({unit})", f"HD95 ({unit})",
+                  "rank ASD", "rank HD95"]
+        align = ["r", "l", "l", *["l"] * len(extra), "r", "r", *["r"] * (len(organs) + 7)]
         groups = []
         for gkey, g in tab.groupby(key, sort=False, dropna=False):
             by_organ = g.set_index("organ")
             mean = by_organ.loc["mean"] if "mean" in by_organ.index else None
             groups.append((gkey, g, by_organ, mean))
-        # SFDA rows by rank, then the rest (not SFDA) at the bottom.
-        groups.sort(key=lambda grp: (not grp[1]["sfda"].all(), _rank_value(grp[3], "rank_dice")))
+        # SFDA rows by significance rank, then by mean Dice; the rest (not SFDA) at the bottom.
+        groups.sort(key=lambda grp: (not grp[1]["sfda"].all(), _rank_value(grp[3], "sig_rank_dice"),
+                                     -_value(grp[3], "dice_mean")))
         lines = []
         for gkey, g, by_organ, mean in groups:
             sfda = bool(g["sfda"].all())
             gkey = dict(zip(key, gkey if isinstance(gkey, tuple) else (gkey,)))
-            cells = [rank_cell(mean, "rank_dice"), method_label(gkey["method"], sfda), gkey["variant"],
-                     *[gkey[c] for c in extra], str(int(g["n_seeds"].max()))]
+            cells = [rank_cell(mean, "sig_rank_dice"), method_label(gkey["method"], sfda), gkey["variant"],
+                     *[gkey[c] for c in extra], str(int(g["n_seeds"].max())),
+                     str(mean["n_cases"]) if mean is not None and "n_cases" in mean else "?"]
             cells += [cell(by_organ, o, "dice") for o in organs]
-            cells += [cell(by_organ, "mean", "dice"), cell(by_organ, "mean", "gap_closed")]
+            cells += [interval_cell(mean, "dice"), difference_cell(mean, "dice"),
+                      cell(by_organ, "mean", "gap_closed")]
             cells += [cell(by_organ, "mean", m) for m in ("asd", "hd95")]
-            cells += [rank_cell(mean, "rank_asd"), rank_cell(mean, "rank_hd95")]
+            cells += [rank_cell(mean, "sig_rank_asd"), rank_cell(mean, "sig_rank_hd95")]
             lines.append(cells)
-        out.append(f"### {task}\n\nDice per organ and mean over organs, mean ± std (ddof=1) over seeds; "
-                   f"ASD/HD95 in {unit}; selection {selection}; ranks among SFDA methods only. "
-                   f"Gap closed: (method - {gap_closed.LOWER}) / ({gap_closed.UPPER} - {gap_closed.LOWER}) of the "
-                   f"mean Dice, per seed on the same source checkpoint, then mean ± std.\n\n"
-                   + markdown_table(header, lines, align) + gap_notes(tab, key, summary.attrs.get("gap_notes", [])))
+        out.append(f"### {task}\n\nDice per organ: mean ± std (ddof=1) over seeds. Dice (mean): mean over organs, "
+                   f"mean and 95% t interval over seeds. Δ: paired difference to {reference} on the same seeds, "
+                   f"source weights and cases: mean, 95% crossed bootstrap interval (seeds and cases resampled), "
+                   f"p of a two-sided Wilcoxon signed-rank test over cases (t-test over seeds where per-case "
+                   f"values are missing). Rank: significance rank among SFDA methods (MSD-challenge manner: the "
+                   f"number of methods a method beats in pairwise tests, Holm-corrected, at 0.05); equal ranks are "
+                   f"methods the data cannot separate. ASD/HD95 in {unit} (mean ± std over seeds); selection "
+                   f"{selection}. Gap closed: (method - {gap_closed.LOWER}) / ({gap_closed.UPPER} - "
+                   f"{gap_closed.LOWER}) of the mean Dice, per seed on the same source checkpoint, then mean ± std."
+                   "\n\n" + markdown_table(header, lines, align)
+                   + gap_notes(tab, key, summary.attrs.get("gap_notes", [])))
     return "\n\n".join(out) + "\n"
+
+
+def _value(row, col: str) -> float:
+    if row is None or col not in row or pd.isna(row[col]):
+        return -math.inf
+    return float(row[col])
+
+
+def interval_cell(row, metric: str) -> str:
+    """``0.812 [0.790, 0.834]``; the mean alone without an interval (one seed)."""
+    if row is None or pd.isna(row.get(f"{metric}_mean", math.nan)):
+        return "n/a"
+    d = DIGITS[metric]
+    low, high = row.get(f"{metric}_ci_low", math.nan), row.get(f"{metric}_ci_high", math.nan)
+    if pd.isna(low) or pd.isna(high):
+        return f"{row[f'{metric}_mean']:.{d}f}"
+    return f"{row[f'{metric}_mean']:.{d}f} [{low:.{d}f}, {high:.{d}f}]"
+
+
+def p_text(p: float) -> str:
+    return "" if pd.isna(p) else ("p<0.001" if p < 0.001 else f"p={p:.3f}")
+
+
+def difference_cell(row, metric: str) -> str:
+    """``+0.120 [+0.080, +0.160], p=0.001``; empty for the reference itself or without a paired run."""
+    if row is None or pd.isna(row.get(f"{metric}_diff_mean", math.nan)):
+        return ""
+    d = DIGITS[metric]
+    text = f"{row[f'{metric}_diff_mean']:+.{d}f}"
+    low, high = row.get(f"{metric}_diff_ci_low", math.nan), row.get(f"{metric}_diff_ci_high", math.nan)
+    if not (pd.isna(low) or pd.isna(high)):
+        text += f" [{low:+.{d}f}, {high:+.{d}f}]"
+    p = p_text(row.get(f"{metric}_diff_p", math.nan))
+    return text + (f", {p}" if p else "")
 
 
 def gap_notes(tab: pd.DataFrame, key: Sequence[str], notes: Sequence[str] = ()) -> str:
@@ -397,13 +632,19 @@ def plot(summary: pd.DataFrame, path: Path, value: str = "dice") -> None:
 
 
 def summarize(inputs: Sequence[str | Path], allow_mixed: Sequence[str] = ()) -> pd.DataFrame:
-    return aggregate(load_rows(inputs), allow_mixed)
+    rows = load_rows(inputs)
+    return aggregate(rows, allow_mixed, load_cases(inputs, rows))
 
 
-def write_outputs(summary: pd.DataFrame, out_dir: Path, name: str = SUMMARY_NAME) -> dict[str, Path]:
+def write_outputs(summary: pd.DataFrame, out_dir: Path, name: str = SUMMARY_NAME,
+                  cost_table: pd.DataFrame | None = None) -> dict[str, Path]:
     from sfdabench.results import atomic_write_text
 
     paths = {ext: out_dir / f"{name}.{ext}" for ext in ("csv", "md", "png")}
+    if cost_table is not None and len(cost_table):
+        paths["costs_csv"], paths["costs_md"] = out_dir / f"{name}_costs.csv", out_dir / f"{name}_costs.md"
+        atomic_write_text(paths["costs_csv"], cost_table.to_csv(index=False))
+        atomic_write_text(paths["costs_md"], costs_markdown(cost_table))
     atomic_write_text(paths["csv"], summary.to_csv(index=False))
     atomic_write_text(paths["md"], to_markdown(summary))
     plot(summary, paths["png"])
@@ -413,9 +654,12 @@ def write_outputs(summary: pd.DataFrame, out_dir: Path, name: str = SUMMARY_NAME
     return paths
 
 
-def export_rows(rows: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
+def export_rows(rows: pd.DataFrame, out_dir: Path, cases: pd.DataFrame | None = None,
+                timings: pd.DataFrame | None = None) -> dict[str, Path]:
     """The leaderboard rows of each task as ``<out_dir>/<task>.csv`` (sorted by method, variant, seed, organ
-    order), in the column order of a results dir's ``leaderboard.csv``: committed reference leaderboards."""
+    order), in the column order of a results dir's ``leaderboard.csv``: committed reference leaderboards. With
+    ``cases``, also their per-case rows as ``<task>_cases.csv`` (organs only: the per-case ``mean`` is
+    recomputed on reading), which the paired tests need."""
     from sfdabench.results import LEADERBOARD_COLUMNS, atomic_write_text
 
     paths = {}
@@ -425,6 +669,24 @@ def export_rows(rows: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
         group = group.assign(_o=group["organ"].map(organs)).sort_values(["method", "variant", "seed", "_o"])
         paths[f"rows:{task}"] = out_dir / f"{task}.csv"
         atomic_write_text(paths[f"rows:{task}"], group[columns].to_csv(index=False))
+        if cases is not None and "run_id" in group:
+            runs = group.drop_duplicates("run_id")[["task", "method", "variant", "seed", "run_id"]]
+            mine = cases[cases["organ"] != "mean"].merge(runs, on="run_id")
+            if len(mine):
+                mine = mine.assign(_o=mine["organ"].map(organs)).sort_values(
+                    ["method", "variant", "seed", "case", "_o"], kind="stable")
+                first = ["task", "method", "variant", "seed", "run_id", "case", "organ"]
+                cols = first + [c for c in mine if c not in first and c != "_o"]
+                paths[f"cases:{task}"] = exported_cases_path(out_dir / f"{task}.csv")
+                atomic_write_text(paths[f"cases:{task}"], mine[cols].to_csv(index=False))
+        if timings is not None and len(timings) and "run_id" in group:
+            runs = group.drop_duplicates("run_id")[["task", "method", "variant", "seed", "run_id"]]
+            mine = timings.merge(runs, on="run_id").sort_values(["method", "variant", "seed", "phase"])
+            if len(mine):
+                paths[f"timings:{task}"] = out_dir / f"{task}{TIMINGS_SUFFIX}.csv"
+                atomic_write_text(paths[f"timings:{task}"],
+                                  mine[["task", "method", "variant", "seed", "run_id", "phase", "seconds"]]
+                                  .to_csv(index=False))
     return paths
 
 
@@ -442,11 +704,14 @@ def cmd_leaderboard(args: Sequence[str]) -> int:
     ns = parser.parse_args(list(args))
     inputs = ns.results or [DEFAULT_INPUT]
     rows = load_rows(inputs)
-    summary = aggregate(rows, parse_allow_mixed(ns.allow_mixed))
+    cases = load_cases(inputs, rows)
+    timings = load_timings(inputs, rows)
+    summary = aggregate(rows, parse_allow_mixed(ns.allow_mixed), cases)
     out_dir = ns.out or Path.cwd()
-    paths = write_outputs(summary, out_dir)
+    kept = latest_run_per_seed(rows, group_key(parse_allow_mixed(ns.allow_mixed)), warn=False)
+    paths = write_outputs(summary, out_dir, cost_table=costs(kept, timings))
     if ns.export_rows:
-        paths.update(export_rows(rows, out_dir))
+        paths.update(export_rows(rows, out_dir, cases, timings))
     print(to_markdown(summary))
     log.info("leaderboard summary: %s", ", ".join(str(p) for p in paths.values()))
     return 0

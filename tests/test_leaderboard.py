@@ -120,13 +120,15 @@ def test_leaderboard_command_writes_csv_markdown_png(board, tmp_path):
     md = (cwd / "leaderboard_summary.md").read_text()
     assert md in out.stdout
     lines = [line for line in md.splitlines() if line.startswith("| ")]
-    assert lines[0].startswith("| rank | method | variant | seeds | spleen | liver | Dice (mean) | gap closed | ASD (mm)")
-    assert lines[2].startswith("| 1 | m2 | default | 2 | 0.950 ± 0.071 | 0.600 ± 0.141 | 0.775 ± 0.106")
-    assert lines[3].startswith("| 2 | m1 | default | 3 | 0.600 ± 0.000 | 0.900 ± 0.100 | 0.750 ± 0.050")
+    assert lines[0].startswith("| rank | method | variant | seeds | cases | spleen | liver | Dice (mean) [95% CI] | "
+                               "Δ Dice vs source_only [95% CI], p | gap closed | ASD (mm)")
+    # one case, 2-3 seeds: m2's 0.775 and m1's 0.750 cannot be told apart, so they share rank 1 (by mean first)
+    assert lines[2].startswith("| 1 | m2 | default | 2 | 1 | 0.950 ± 0.071 | 0.600 ± 0.141 | 0.775 [-0.178, 1.728]")
+    assert lines[3].startswith("| 1 | m1 | default | 3 | 1 | 0.600 ± 0.000 | 0.900 ± 0.100 | 0.750 [0.626, 0.874]")
     assert lines[4].startswith("| - | oracle (not SFDA) |")
     csv = pd.read_csv(cwd / "leaderboard_summary.csv")
     assert {"dice_mean", "dice_std", "dice_n", "asd_mean", "hd95_std", "rank_dice", "rank_asd", "rank_hd95",
-            "sfda"} <= set(csv.columns)
+            "sfda", "dice_ci_low", "dice_ci_high", "dice_diff_p", "sig_rank_dice", "n_cases"} <= set(csv.columns)
     # --out elsewhere, several inputs (a run in both counts once)
     out = run_cli("leaderboard", str(board / "leaderboard.csv"), str(board), "--out", str(tmp_path / "o"),
                   cwd=tmp_path)
