@@ -32,3 +32,16 @@ def use_deterministic_kernels(enabled: bool = True) -> None:
     torch.use_deterministic_algorithms(enabled, warn_only=True)
     torch.backends.cudnn.deterministic = enabled
     torch.backends.cudnn.benchmark = not enabled
+
+
+def flush_denormals() -> bool:
+    """Flush denormal floats to zero on the CPU (torch.set_flush_denormal; no effect on CUDA).
+
+    Why: some inputs drive activations and gradients into the denormal range, where x86 arithmetic is many
+    times slower. Measured on the phantom (one thread, batch 16, a source model on its target images):
+    phantom_ct2mri's MR-like target took 1.7-2.9 s a training step without and 0.8-1.2 s with flushing;
+    phantom_mri2ct's CT-like target 0.8-1.1 s either way. Deterministic like everything else (the same
+    config, seed and thread count still give identical weights), but it changes float results in the last
+    bits, so rows made with and without it differ. Returns False where the CPU does not support it.
+    """
+    return bool(torch.set_flush_denormal(True))

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from sfdabench import results, source_model
-from sfdabench.determinism import seed_everything, use_deterministic_kernels
+from sfdabench.determinism import flush_denormals, seed_everything, use_deterministic_kernels
 from sfdabench.api import Case, Context, Method, SfdaBenchError, TargetImages, _plain
 from sfdabench.evaluation import dice_per_organ, evaluate, label_confusion, quality_by_slice_group
 from sfdabench.plugins import Registry, get_registry
@@ -118,6 +118,7 @@ def _execute(cfg: Mapping[str, Any], registry: Registry, run_dirs: list[Path]) -
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg["num_threads"]))
     use_deterministic_kernels(bool(cfg.get("deterministic", True)))
+    flush_denormals()  # up to 2x faster on some targets (determinism.flush_denormals)
     results_dir, cache_dir = Path(cfg["results_dir"]), Path(cfg["cache_dir"])
 
     method_cls: type[Method] = registry.get("methods", cfg["method"]["name"])

@@ -77,6 +77,7 @@ def environment_record(plugins: Mapping[str, str], device: str) -> dict[str, Any
         "git_rev": git_revision(),
         "device": device,
         "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # SIMD code path: floats differ across them
         "plugins": dict(plugins),
     }
 
