@@ -162,7 +162,7 @@ def one_line_error(excinfo) -> str:
 
 def test_adapters_are_registered_plugins():
     names = get_registry().names("datasets")
-    assert {"chaos", "btcv", "amos", "nifti_folder"} <= set(names)
+    assert {"chaos", "btcv", "amos", "ircadb", "nifti_folder"} <= set(names)
 
 
 # ------------------------------------------------------------------------------------ raw layouts
