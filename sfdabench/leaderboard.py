@@ -671,7 +671,8 @@ def export_rows(rows: pd.DataFrame, out_dir: Path, cases: pd.DataFrame | None = 
         atomic_write_text(paths[f"rows:{task}"], group[columns].to_csv(index=False))
         if cases is not None and "run_id" in group:
             runs = group.drop_duplicates("run_id")[["task", "method", "variant", "seed", "run_id"]]
-            mine = cases[cases["organ"] != "mean"].merge(runs, on="run_id")
+            own = cases.drop(columns=[c for c in ("task", "method", "variant", "seed") if c in cases])
+            mine = own[own["organ"] != "mean"].merge(runs, on="run_id")
             if len(mine):
                 mine = mine.assign(_o=mine["organ"].map(organs)).sort_values(
                     ["method", "variant", "seed", "case", "_o"], kind="stable")

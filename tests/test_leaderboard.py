@@ -585,7 +585,7 @@ def test_compare_uses_the_seeds_both_sides_have(tmp_path):
 # ------------------------------------------------------------------- source weights, legacy rows, bad input
 
 
-@pytest.mark.parametrize("folder", ["leaderboard/archive/128px-4cases-58b5811",
+@pytest.mark.parametrize("folder", ["leaderboard", "leaderboard/archive/128px-4cases-58b5811",
                                     "leaderboard/archive/epoch-budgets-1839641"])
 def test_committed_reference_rows_reproduce_the_committed_summary(tmp_path, folder):
     """The reference rows aggregate to the committed summary bytes, and exporting them gives them back byte
@@ -600,10 +600,15 @@ def test_committed_reference_rows_reproduce_the_committed_summary(tmp_path, fold
     else:
         assert rows.source_weights.str.fullmatch("[0-9a-f]{16}").all()
         assert (rows.groupby(["task", "seed"]).source_weights.nunique() == 1).all()
-    assert lb.aggregate(rows).to_csv(index=False) == (ref / "leaderboard_summary.csv").read_text()
-    paths = lb.export_rows(rows, tmp_path)
+    assert lb.summarize(inputs).to_csv(index=False) == (ref / "leaderboard_summary.csv").read_text()
+    cases, timings = lb.load_cases(inputs, rows), lb.load_timings(inputs, rows)
+    paths = lb.export_rows(rows, tmp_path, cases, timings)
     for path in inputs:
         assert paths[f"rows:{path.stem}"].read_bytes() == path.read_bytes()
+        for kind in ("cases", "timings"):        # the per-case values and timings round-trip too, where present
+            exported = path.with_name(f"{path.stem}_{kind}.csv")
+            assert (paths[f"{kind}:{path.stem}"].read_bytes() == exported.read_bytes()) if exported.is_file() \
+                else f"{kind}:{path.stem}" not in paths
 
 
 def test_legacy_rows_pair_by_source_config_and_never_match_recorded_weights(tmp_path):

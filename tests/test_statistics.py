@@ -162,3 +162,19 @@ def test_cost_table_separates_source_training_and_survives_export(tmp_path):
     again = tmp_path / "again"                                                # from the exported files alone
     assert main(["leaderboard", str(out / "phantom_mri2ct.csv"), "--out", str(again)]) == 0
     assert (again / "leaderboard_summary_costs.csv").read_text() == (out / "leaderboard_summary_costs.csv").read_text()
+
+
+@pytest.mark.parametrize("diff", [
+    [0.11, -0.02, 0.05, 0.3, 0.07, -0.01, 0.2, 0.04, 0.09, 0.12, -0.05, 0.06],   # no ties: scipy's exact test
+    [0.1, 0.1, -0.1, 0.2, 0.2, 0.3, -0.2, 0.1, 0.05, 0.05, 0.4, 0.1],             # ties: scipy's permutation test
+    [0.0, 0.1, 0.2, -0.05, 0.3],                                                 # a zero is dropped
+])
+def test_signed_rank_p_equals_scipy(diff):
+    d = np.asarray(diff)
+    ref = scipy_stats.wilcoxon(d[d != 0], method="exact" if len(set(np.abs(d))) == len(d) else "auto").pvalue
+    assert st.signed_rank_p(diff) == pytest.approx(ref, rel=1e-9)
+
+
+def test_signed_rank_p_uses_the_normal_approximation_beyond_the_exact_range():
+    d = np.random.default_rng(0).normal(0.05, 0.1, size=30)
+    assert st.signed_rank_p(d) == pytest.approx(scipy_stats.wilcoxon(d, method="approx").pvalue)
