@@ -101,6 +101,7 @@ def execute(cfg: Mapping[str, Any], registry: Registry | None = None) -> dict[st
     registry = registry or get_registry()
     validate_config(cfg, registry)
     run_dirs: list[Path] = []
+    flushing_before = flushes_denormals()
     try:
         return _execute(cfg, registry, run_dirs)
     except BaseException:
@@ -108,6 +109,14 @@ def execute(cfg: Mapping[str, Any], registry: Registry | None = None) -> dict[st
             if run_dir.is_dir() and not (run_dir / "done").exists():
                 shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    finally:
+        # The flag is process-wide CPU state (numpy too): leave it as found, for callers in the same process.
+        torch.set_flush_denormal(flushing_before)
+
+
+def flushes_denormals() -> bool:
+    """Whether the CPU currently flushes denormal floats to zero (a denormal times one gives zero)."""
+    return bool((torch.tensor([1e-39], dtype=torch.float32) * 1.0).item() == 0.0)
 
 
 def _execute(cfg: Mapping[str, Any], registry: Registry, run_dirs: list[Path]) -> dict[str, Any]:
