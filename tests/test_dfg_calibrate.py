@@ -1,0 +1,63 @@
+"""DFG's source-side calibration of the MBS distance cap (methods/dfg/calibrate.py) and where its value lives."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from sfdabench.config import compose_run_config
+from sfdabench_methods.dfg.calibrate import allowed_region_dice, best_cap, main
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=0, keepdims=True)
+
+
+def _two_tissues(distance: float) -> tuple[np.ndarray, np.ndarray]:
+    """An organ (a square) and its surroundings whose features sit ``distance`` (cosine) from the organ's."""
+    organ = np.zeros((20, 20), bool)
+    organ[5:12, 5:12] = True
+    angle = np.arccos(1 - distance)
+    features = np.empty((2, 20, 20))
+    features[0], features[1] = np.cos(angle), np.sin(angle)
+    features[0][organ], features[1][organ] = 1.0, 0.0
+    # a little spread inside the organ, so the multiplier term is not zero
+    rng = np.random.default_rng(0)
+    features[1][organ] += rng.uniform(0, 0.2, organ.sum())
+    return _unit(features), organ
+
+
+def test_allowed_region_stops_at_a_cap_below_the_surroundings_distance():
+    features, organ = _two_tissues(distance=0.3)
+    # a huge multiplier: the cap decides. Below 0.3 the surroundings are excluded, above they flood in.
+    assert allowed_region_dice(features, organ, multiplier=1e4, cap=0.2) == pytest.approx(1.0)
+    flooded = allowed_region_dice(features, organ, multiplier=1e4, cap=0.5)
+    assert flooded == pytest.approx(2 * organ.sum() / (organ.size + organ.sum()))
+    # the multiplier bounds it too: 2.5 x the small in-organ spread keeps the surroundings out
+    assert allowed_region_dice(features, organ, multiplier=2.5, cap=1.0) > 0.8 > flooded
+
+
+def test_best_cap_is_the_largest_within_the_tie_tolerance_of_the_best_search_dice():
+    table = pd.DataFrame([
+        {"cap": 0.15, "measure": "search", "mean": 0.910}, {"cap": 0.2, "measure": "search", "mean": 0.906},
+        {"cap": 0.25, "measure": "search", "mean": 0.890}, {"cap": 0.35, "measure": "region", "mean": 0.99}])
+    assert best_cap(table) == 0.2                     # 0.004 below the best: a tie; 0.25 is 0.02 below
+    assert best_cap(table, tolerance=0.0) == 0.15
+
+
+def _cap_of(task: str) -> float:
+    cfg = compose_run_config(["method=dfg", f"task={task}"])
+    return float(OmegaConf.to_container(cfg, resolve=True)["method"]["search"]["mbs_cap"])
+
+
+def test_the_cap_is_the_calibrated_one_of_the_task_else_the_spec():
+    cfg = OmegaConf.to_container(compose_run_config(["method=dfg", "task=phantom_mri2ct"]), resolve=True)
+    assert _cap_of("phantom_mri2ct") == cfg["method"]["mbs_cap_by_task"]["phantom_mri2ct"] != 0.35
+    assert _cap_of("mri2ct") == 0.35          # not calibrated: the paper's value
+
+
+def test_bad_arguments_are_one_line_errors(capsys):
+    assert main(["task=phantom_mri2ct", "every=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "every must be >= 1" in err
