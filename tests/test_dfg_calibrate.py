@@ -46,15 +46,11 @@ def test_best_cap_is_the_largest_within_the_tie_tolerance_of_the_best_search_dic
     assert best_cap(table, tolerance=0.0) == 0.15
 
 
-def _cap_of(task: str) -> float:
-    cfg = compose_run_config(["method=dfg", f"task={task}"])
-    return float(OmegaConf.to_container(cfg, resolve=True)["method"]["search"]["mbs_cap"])
-
-
-def test_the_cap_is_the_calibrated_one_of_the_task_else_the_spec():
-    cfg = OmegaConf.to_container(compose_run_config(["method=dfg", "task=phantom_mri2ct"]), resolve=True)
-    assert _cap_of("phantom_mri2ct") == cfg["method"]["mbs_cap_by_task"]["phantom_mri2ct"] != 0.35
-    assert _cap_of("mri2ct") == 0.35          # not calibrated: the paper's value
+def test_dfg_keeps_the_spec_cap_on_every_shipped_task():
+    # the calibration is a diagnostic: on the phantom it lowered DFG's test Dice (README), so no task changes it
+    for task in ("phantom_mri2ct", "phantom_ct2mri", "mri2ct"):
+        cfg = OmegaConf.to_container(compose_run_config(["method=dfg", f"task={task}"]), resolve=True)
+        assert cfg["method"]["search"]["mbs_cap"] == 0.35
 
 
 def test_bad_arguments_are_one_line_errors(capsys):

@@ -19,9 +19,11 @@ labelled; no target label is read, and the target is never looked at.
 * ``search``: pseudo-label Dice of the task's whole box search (DFG's search settings of the composed config, with
   ``mbs_cap`` set) prompted from the source model's own predictions on those slices.
 
-The calibrated value is the largest cap whose mean ``search`` Dice is within 0.01 of the best (``best_cap``);
-dfg.yaml lists it per task in ``mbs_cap_by_task``, with the table in its comment (the spec's 0.35 for a task
-not listed). Writes ``<results_dir>/calibration/<task>_mbs_cap.csv``.
+The calibrated value is the largest cap whose mean ``search`` Dice is within 0.01 of the best (``best_cap``); run
+it with ``method.search.mbs_cap=<value>``. Measured on the phantom tasks (README, "The MBS distance cap"): it
+picks 0.15 / 0.2, which left the target pseudo-labels about where the spec's 0.35 has them and lowered DFG's
+test Dice, so dfg.yaml keeps 0.35. A diagnostic of how a SAM backend's feature space fits a domain, not a
+default. Writes ``<results_dir>/calibration/<task>_mbs_cap.csv``.
 """
 from __future__ import annotations
 
