@@ -7,6 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from sfdabench.config import compose_run_config
+from sfdabench_methods.dfg.box_search import centroid_distance
 from sfdabench_methods.dfg.calibrate import allowed_region_dice, best_cap, main
 
 
@@ -30,12 +31,13 @@ def _two_tissues(distance: float) -> tuple[np.ndarray, np.ndarray]:
 
 def test_allowed_region_stops_at_a_cap_below_the_surroundings_distance():
     features, organ = _two_tissues(distance=0.3)
+    distance = centroid_distance(features, organ)     # the distance map MBS thresholds
     # a huge multiplier: the cap decides. Below 0.3 the surroundings are excluded, above they flood in.
-    assert allowed_region_dice(features, organ, multiplier=1e4, cap=0.2) == pytest.approx(1.0)
-    flooded = allowed_region_dice(features, organ, multiplier=1e4, cap=0.5)
+    assert allowed_region_dice(distance, organ, multiplier=1e4, cap=0.2) == pytest.approx(1.0)
+    flooded = allowed_region_dice(distance, organ, multiplier=1e4, cap=0.5)
     assert flooded == pytest.approx(2 * organ.sum() / (organ.size + organ.sum()))
     # the multiplier bounds it too: 2.5 x the small in-organ spread keeps the surroundings out
-    assert allowed_region_dice(features, organ, multiplier=2.5, cap=1.0) > 0.8 > flooded
+    assert allowed_region_dice(distance, organ, multiplier=2.5, cap=1.0) > 0.8 > flooded
 
 
 def test_best_cap_is_the_largest_within_the_tie_tolerance_of_the_best_search_dice():

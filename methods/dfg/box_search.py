@@ -409,6 +409,14 @@ def grow_within(region: np.ndarray, allowed: np.ndarray, offsets: Sequence[tuple
     return region | (neighbours_of(region, offsets).any(axis=0) & allowed)
 
 
+def centroid_distance(features: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """MBS's distance map: 1 - cosine of every pixel's unit feature (C, H, W) to the normalised mean feature of
+    ``mask`` (bool H, W)."""
+    centroid = features[:, mask].mean(axis=1)
+    centroid /= max(float(np.sqrt(centroid @ centroid)), 1e-12)
+    return 1.0 - np.einsum("chw,c->hw", features, centroid)
+
+
 def sam_feature_map(sam: SamBackend, embedding: SamEmbedding, size: tuple[int, int]) -> np.ndarray:
     """SAM's embedding bilinearly upsampled to the slice size and L2-normalised per pixel: (C, H, W) float64."""
     features = sam.features(embedding).detach().to(torch.float64)
@@ -674,9 +682,7 @@ class _ClassSearch:
         cfg = self.cfg
         features = self.ctx.sam_features
         start_mask = self.masks[start]
-        centroid = features[:, start_mask].mean(axis=1)
-        centroid /= max(float(np.sqrt(centroid @ centroid)), 1e-12)
-        distance = 1.0 - np.einsum("chw,c->hw", features, centroid)
+        distance = centroid_distance(features, start_mask)
         self.mbs_threshold = min(cfg.mbs_multiplier * float(distance[start_mask].mean()), cfg.mbs_cap)
         allowed = distance < self.mbs_threshold
 

@@ -37,7 +37,11 @@ import pandas as pd
 import torch
 from scipy import ndimage
 
-from .box_search import BoxSearchConfig, sam_feature_map, search_slice
+from sfdabench.api import SliceDataset
+from sfdabench.evaluation import dice_per_organ
+from sfdabench.training import predict
+
+from .box_search import BoxSearchConfig, centroid_distance, sam_feature_map, search_slice
 
 log = logging.getLogger("sfdabench")
 
@@ -46,13 +50,10 @@ TIE_TOLERANCE = 0.01    # mean Dice; see best_cap
 MIN_ORGAN_PIXELS = 30      # organs smaller than this on a slice say little about a region's spread
 
 
-def allowed_region_dice(features: np.ndarray, organ: np.ndarray, multiplier: float, cap: float) -> float:
-    """Dice of ``organ`` (bool H, W) and MBS's allowed region around it, the centroid taken from the organ.
-
-    ``features``: (C, H, W) unit vectors (``sam_feature_map``)."""
-    centroid = features[:, organ].mean(axis=1)
-    centroid /= max(float(np.linalg.norm(centroid)), 1e-12)
-    distance = 1.0 - np.einsum("chw,c->hw", features, centroid)
+def allowed_region_dice(distance: np.ndarray, organ: np.ndarray, multiplier: float, cap: float) -> float:
+    """Dice of ``organ`` (bool H, W) and MBS's allowed region around it: the 8-connected components of
+    ``distance < min(multiplier x mean in-organ distance, cap)`` that touch the organ. ``distance``: MBS's
+    ``centroid_distance`` map with the organ's centroid."""
     allowed = distance < min(multiplier * float(distance[organ].mean()), cap)
     components, _ = ndimage.label(allowed, structure=np.ones((3, 3)))
     touching = np.unique(components[organ & allowed])
@@ -60,41 +61,38 @@ def allowed_region_dice(features: np.ndarray, organ: np.ndarray, multiplier: flo
     return float(2 * (region & organ).sum() / (region.sum() + organ.sum()))
 
 
-def calibrate(slices: Sequence[tuple[np.ndarray, np.ndarray]], model: torch.nn.Module, sam, organs: Sequence[str],
-              search_cfg: Mapping[str, Any], caps: Sequence[float] = DEFAULT_CAPS,
+def calibrate(cases: Sequence, model: torch.nn.Module, sam, organs: Sequence[str], search_cfg: Mapping[str, Any],
+              caps: Sequence[float] = DEFAULT_CAPS, every: int = 1,
               device: torch.device = torch.device("cpu")) -> pd.DataFrame:
-    """One row per cap: ``cap``, ``measure`` (region | search), one column per organ and ``mean``.
-
-    ``slices``: (image (H, W) float in [0, 1], label (H, W) int) pairs of the labelled source domain."""
-    model.eval().to(device)
-    region = {cap: {o: [] for o in organs} for cap in caps}
-    inter = {cap: np.zeros(len(organs)) for cap in caps}
-    total = {cap: np.zeros(len(organs)) for cap in caps}
+    """One row per cap: ``cap``, ``measure`` (region | search), one column per organ and ``mean``, over every
+    ``every``-th slice of the labelled source ``cases``. ``search`` is the Dice of all those slices pooled."""
+    predicted = predict(model, SliceDataset(cases, labels=False), device=device, want=("probs", "features"))
+    picked = [(ci, z) for ci, case in enumerate(cases) for z in range(case.num_slices)][::every]
     multiplier = float(search_cfg.get("mbs_multiplier", 2.5))
-    for image, label in slices:
+    region: dict[float, dict[str, list[float]]] = {cap: {o: [] for o in organs} for cap in caps}
+    pseudo: dict[float, list[np.ndarray]] = {cap: [] for cap in caps}
+    for ci, z in picked:
+        image, label = cases[ci].image[z], cases[ci].label[z]
         embedding = sam.embed(image)
         features = sam_feature_map(sam, embedding, label.shape)
-        x = torch.from_numpy(np.repeat(image[None, None], 3, axis=1)).float().to(device)
-        with torch.no_grad():
-            target_features, logits = model(x)
-        probs = logits.softmax(1)[0].float().cpu()
-        target_features = target_features[0].float().cpu()
+        for k, organ in enumerate(organs, 1):
+            if (label == k).sum() >= MIN_ORGAN_PIXELS:
+                distance = centroid_distance(features, label == k)
+                for cap in caps:
+                    region[cap][organ].append(allowed_region_dice(distance, label == k, multiplier, cap))
+        probs = torch.from_numpy(predicted["probs"][ci][z])
+        target_features = torch.from_numpy(predicted["features"][ci][z])
         for cap in caps:
-            for k, organ in enumerate(organs, 1):
-                if (label == k).sum() >= MIN_ORGAN_PIXELS:
-                    region[cap][organ].append(allowed_region_dice(features, label == k, multiplier, cap))
             cfg = BoxSearchConfig.from_cfg({**search_cfg, "mbs_cap": cap}, label.shape, organs=list(organs))
-            pseudo = search_slice(target_features, probs, sam, embedding, cfg, decode_cache={}).pseudo_label
-            for k in range(1, len(organs) + 1):
-                inter[cap][k - 1] += np.count_nonzero((pseudo == k) & (label == k))
-                total[cap][k - 1] += np.count_nonzero(pseudo == k) + np.count_nonzero(label == k)
+            pseudo[cap].append(search_slice(target_features, probs, sam, embedding, cfg, decode_cache={}).pseudo_label)
+    labels = [np.stack([cases[ci].label[z] for ci, z in picked])]
     rows = []
     for cap in caps:
         by_region = {o: float(np.mean(v)) if v else float("nan") for o, v in region[cap].items()}
-        by_search = {o: float(2 * inter[cap][k] / total[cap][k]) if total[cap][k] else float("nan")
-                     for k, o in enumerate(organs)}
-        for measure, values in (("region", by_region), ("search", by_search)):
-            rows.append({"cap": cap, "measure": measure, **values, "mean": float(np.nanmean(list(values.values())))})
+        by_search = dice_per_organ([np.stack(pseudo[cap])], labels, list(organs))
+        rows.append({"cap": cap, "measure": "region", **by_region,
+                     "mean": float(np.nanmean(list(by_region.values())))})
+        rows.append({"cap": cap, "measure": "search", **by_search})
     return pd.DataFrame(rows)
 
 
@@ -146,11 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SfdaBenchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    slices = [(case.image[z], case.label[z]) for case in task.source.splits["test"]
-              for z in range(case.image.shape[0])][::every]
-    log.info("calibrating mbs_cap on %d source-test slices of %s, caps %s", len(slices), task.name, caps)
-    table = calibrate(slices, checkpoint.model, sam, list(task.organs), OmegaConf.to_container(cfg.method.search),
-                      caps, device)
+    cases = task.source.splits["test"]
+    log.info("calibrating mbs_cap on every %d. slice of the %d source-test cases of %s, caps %s", every, len(cases),
+             task.name, caps)
+    table = calibrate(cases, checkpoint.model, sam, list(task.organs), OmegaConf.to_container(cfg.method.search),
+                      caps, every, device)
     out = Path(cfg.results_dir) / "calibration" / f"{task.name}_mbs_cap.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)

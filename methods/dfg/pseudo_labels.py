@@ -79,7 +79,8 @@ def refine_pseudo_labels(model: nn.Module, target_train: TargetImages, search_cf
             index += 1
     stats = {
         "search": cfg.search, "stage3": cfg.stage3, "slices": index,
-        "mbs_cap": cfg.mbs_cap, "tolerance_scaling": cfg.tolerance_scaling, "steps_scaling": cfg.steps_scaling, "twin_guard": cfg.twin_guard,
+        "mbs_cap": cfg.mbs_cap, "tolerance_scaling": cfg.tolerance_scaling, "steps_scaling": cfg.steps_scaling,
+        "twin_guard": cfg.twin_guard,
         "scaled_settings": {**{n: getattr(cfg, n) for n in cfg._PIXEL_COUNTS + cfg._LENGTHS},
                             "max_steps": dict(zip(context.organs, cfg.max_steps))},
         "outcomes": {organ: dict(c) for organ, c in outcomes.items()},
