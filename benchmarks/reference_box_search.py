@@ -172,6 +172,11 @@ def reference_search_slice(target_features, probs, sam, embedding, cfg: BoxSearc
             distance[p] = 1.0 - float(np.dot(e[p], mu))
         avg_dist = float(np.mean([distance[p] for p in sorted(members)]))
         thr = min(cfg.mbs_multiplier * avg_dist, cfg.mbs_cap)
+        if cfg.mbs_max_growth > 0:        # at most mbs_max_growth x |m0| pixels outside m0 below the threshold
+            outside = sorted(distance[p] for p in range(height * width) if p not in members)
+            budget = int(cfg.mbs_max_growth * len(members))
+            if budget < len(outside):
+                thr = min(thr, outside[budget])
 
         region = set(members)
         history = []

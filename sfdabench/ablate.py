@@ -5,7 +5,8 @@ The grid (default, 17 variants, stage 3 on): FA on/off x box search naive/tbs/mb
 ``fa-only``; ``fa+dbs+nos3+cp`` turns stage 3 off; ``fa-srcprior+...`` runs FA with the source model's mean
 prediction as its class prior instead of the paper's uniform one). Box-search options append tokens after CP, in this order:
 ``+ltol`` (change tolerances scaled by length), ``+reach`` (step limits scaled to the spec's reach; both for
-tbs/mbs/dbs), ``+cover-pred50`` / ``+cover-region80`` (a mask counts as stable only when it covers that
+tbs/mbs/dbs), ``+grow1`` (MBS's threshold lowered so at most 1 x the mask's area outside the mask passes it;
+read by MBS), ``+cover-pred50`` / ``+cover-region80`` (a mask counts as stable only when it covers that
 percentage of the predicted components / of the search region; tbs/mbs/dbs), ``+guard-side`` / ``+guard-seed``
 (twin guard), e.g. ``fa+dbs+cp+ltol+reach``.
 ``variants=[...]`` picks any subset (``variants=search_options``: these options around fa+dbs+cp),
@@ -47,9 +48,10 @@ SEARCHES = ("naive", "tbs", "mbs", "dbs")
 #: DFG's ablation switches: set by the grid, so an override of one would mislabel the grid's rows.
 SWITCH_KEYS = ("method.fa.enabled", "method.search.search", "method.search.stage3", "method.cp",
                "method.stop_after_fa", "method.search.tolerance_scaling", "method.search.steps_scaling",
-               "method.search.twin_guard", "method.search.min_coverage", "method.search.coverage_of")
+               "method.search.twin_guard", "method.search.min_coverage", "method.search.coverage_of",
+               "method.search.mbs_max_growth")
 _VARIANT = re.compile(r"^(?P<fa>fa|nofa)(?P<prior>-srcprior)?(?:(?P<only>-only)|\+(?P<search>naive|tbs|mbs|dbs)(?P<nos3>\+nos3)?"
-                      r"\+(?P<cp>cp|nocp)(?P<ltol>\+ltol)?(?P<reach>\+reach)?"
+                      r"\+(?P<cp>cp|nocp)(?P<ltol>\+ltol)?(?P<reach>\+reach)?(?:\+grow(?P<grow>[0-9]+(?:\.[0-9]+)?))?"
                       r"(?:\+cover-(?P<cover_of>pred|region)(?P<cover>100|[1-9][0-9]?))?"
                       r"(?:\+guard-(?P<guard>side|seed))?)$")
 STAGE_LABELS = {"source_model": "PL of the source model", "target_model": "PL before SAM", "sam": "PL after SAM",
@@ -68,8 +70,8 @@ def default_grid() -> list[str]:
 
 def search_options_grid() -> list[str]:
     """fa+dbs+cp and the box-search options around it (``variants=search_options``)."""
-    return ["fa+dbs+cp", "fa+dbs+cp+ltol", "fa+dbs+cp+reach", "fa+dbs+cp+ltol+reach", "fa+dbs+cp+cover-pred50",
-            "fa+dbs+cp+cover-region80", "fa+dbs+cp+guard-side", "fa+dbs+cp+guard-seed"]
+    return ["fa+dbs+cp", "fa+dbs+cp+ltol", "fa+dbs+cp+reach", "fa+dbs+cp+ltol+reach", "fa+dbs+cp+grow1",
+            "fa+dbs+cp+cover-pred50", "fa+dbs+cp+cover-region80", "fa+dbs+cp+guard-side", "fa+dbs+cp+guard-seed"]
 
 
 #: Named grids for ``variants=<name>``.
@@ -80,10 +82,12 @@ def switches(variant: str) -> dict[str, Any]:
     """The ``method`` settings of a variant name (the inverse of ``DFG.variant()``)."""
     m = _VARIANT.match(variant)
     if m is None or (m["nos3"] and m["search"] not in ("mbs", "dbs")) or (m["prior"] and m["fa"] == "nofa") or \
-            ((m["ltol"] or m["reach"] or m["cover"]) and m["search"] == "naive"):
+            ((m["ltol"] or m["reach"] or m["grow"] or m["cover"]) and m["search"] == "naive") or \
+            (m["grow"] and (float(m["grow"]) == 0 or f"{float(m['grow']):g}" != m["grow"])):
         raise UsageError(f"unknown DFG variant '{variant}'; names look like fa+dbs+cp, nofa+naive+nocp, "
-                         f"fa+mbs+nos3+cp (stage 3 off; mbs/dbs only), fa+dbs+cp+ltol+reach+cover-pred50+guard-side "
-                         f"(options in this order; ltol, reach and cover not for naive), fa-only, "
+                         f"fa+mbs+nos3+cp (stage 3 off; mbs/dbs only), "
+                         f"fa+dbs+cp+ltol+reach+grow1+cover-pred50+guard-side "
+                         f"(options in this order; ltol, reach, grow and cover not for naive), fa-only, "
                          f"fa-srcprior+dbs+cp (FA with the source model's class prior); the default "
                          f"grid: "
                          f"{','.join(default_grid())}")
@@ -95,6 +99,7 @@ def switches(variant: str) -> dict[str, Any]:
     search = {"search": m["search"], "stage3": not m["nos3"],
               "tolerance_scaling": "length" if m["ltol"] else "area",
               "steps_scaling": "reach" if m["reach"] else "fixed",
+              "mbs_max_growth": float(m["grow"]) if m["grow"] else 0.0,
               "min_coverage": int(m["cover"]) / 100 if m["cover"] else 0.0,
               "coverage_of": "prediction" if m["cover_of"] == "pred" else "region",
               "twin_guard": m["guard"] or "none"}
@@ -102,7 +107,8 @@ def switches(variant: str) -> dict[str, Any]:
 
 
 #: (column, Markdown header) of the box-search options that are sfdabench's, not the paper's.
-SEARCH_OPTION_COLUMNS = (("tolerances", "tolerances"), ("steps", "step limits"), ("coverage", "coverage"),
+SEARCH_OPTION_COLUMNS = (("tolerances", "tolerances"), ("steps", "step limits"), ("growth", "MBS growth budget"),
+                         ("coverage", "coverage"),
                          ("guard", "twin guard"))
 
 
@@ -113,7 +119,10 @@ def switch_columns(variant: str) -> dict[str, Any]:
     search = sw.get("search", {})
     return {"fa": sw["fa"]["enabled"], "search": search.get("search", "-"), "stage3": search.get("stage3", "-"),
             "cp": sw.get("cp", "-"), "tolerances": search.get("tolerance_scaling", "-"),
-            "steps": search.get("steps_scaling", "-"), "coverage": _coverage_label(search),
+            "steps": search.get("steps_scaling", "-"),
+            "growth": ("-" if "mbs_max_growth" not in search
+                       else f"{search['mbs_max_growth']:g}" if search["mbs_max_growth"] else "off"),
+            "coverage": _coverage_label(search),
             "guard": search.get("twin_guard", "-")}
 
 

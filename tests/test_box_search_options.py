@@ -267,7 +267,8 @@ def test_refine_pseudo_labels_reads_organ_keyed_settings_and_records_them(tmp_pa
 NEW_VARIANTS = ["fa+dbs+cp+ltol", "fa+dbs+cp+reach", "fa+dbs+cp+ltol+reach", "fa+dbs+cp+guard-side",
                 "fa+dbs+cp+guard-seed", "nofa+tbs+nocp+ltol+reach+guard-seed", "fa+mbs+nos3+cp+reach",
                 "fa+naive+cp+guard-side", "fa+dbs+cp+cover-pred50", "fa+dbs+cp+reach+cover-region80+guard-side",
-                "fa+tbs+cp+cover-pred100", "fa-srcprior+dbs+cp", "fa-srcprior-only"]
+                "fa+tbs+cp+cover-pred100", "fa-srcprior+dbs+cp", "fa-srcprior-only", "fa+dbs+cp+grow1",
+                "fa+mbs+cp+ltol+grow0.5+cover-pred50+guard-side"]
 
 
 @pytest.mark.parametrize("name", ["fa+dbs+cp", "fa-only", "fa+dbs+nos3+cp", *NEW_VARIANTS])
@@ -300,19 +301,20 @@ def test_default_settings_add_no_token_and_bad_names_are_refused():
         DFG(OmegaConf.merge(base, {"search": {"min_coverage": 0.555}})).variant()
     for bad in ("fa+dbs+cp+reach+ltol", "fa+dbs+ltol+cp", "fa+naive+cp+ltol", "fa+dbs+cp+guard-both",
                 "fa+dbs+cp+guard-side+ltol", "fa-only+reach", "fa+naive+cp+cover-pred50", "fa+dbs+cp+cover-pred0",
-                "fa+dbs+cp+cover-pred101", "fa+dbs+cp+guard-side+cover-pred50", "fa+dbs+cp+cover-all50"):
+                "fa+dbs+cp+cover-pred101", "fa+dbs+cp+guard-side+cover-pred50", "fa+dbs+cp+cover-all50",
+                "fa+dbs+cp+grow0", "fa+dbs+cp+grow1.0", "fa+naive+cp+grow1", "fa+dbs+cp+cover-pred50+grow1"):
         with pytest.raises(UsageError, match="unknown DFG variant"):
             ablate.switches(bad)
 
 
 def test_ablate_takes_the_search_option_grid():
-    grid = ["fa+dbs+cp", "fa+dbs+cp+ltol", "fa+dbs+cp+reach", "fa+dbs+cp+ltol+reach", "fa+dbs+cp+cover-pred50",
-            "fa+dbs+cp+cover-region80", "fa+dbs+cp+guard-side", "fa+dbs+cp+guard-seed"]
+    grid = ["fa+dbs+cp", "fa+dbs+cp+ltol", "fa+dbs+cp+reach", "fa+dbs+cp+ltol+reach", "fa+dbs+cp+grow1",
+            "fa+dbs+cp+cover-pred50", "fa+dbs+cp+cover-region80", "fa+dbs+cp+guard-side", "fa+dbs+cp+guard-seed"]
     _, variants, _, _ = ablate.parse_args(["task=phantom_mri2ct", f"variants=[{','.join(grid)}]"])
     assert variants == grid
     assert ablate.parse_args(["task=phantom_mri2ct", "variants=search_options"])[1] == grid
     for key in ("method.search.tolerance_scaling=length", "method.search.steps_scaling=reach",
-                "method.search.twin_guard=side", "method.search.min_coverage=0.5"):
+                "method.search.twin_guard=side", "method.search.min_coverage=0.5", "method.search.mbs_max_growth=1"):
         with pytest.raises(UsageError, match="set by the ablation grid"):
             ablate.parse_args(["task=phantom_mri2ct", key])
 
@@ -393,3 +395,34 @@ def test_min_coverage_is_validated():
         config(64, min_coverage=1.5)
     with pytest.raises(ValueError, match="coverage_of='box' unknown"):
         config(64, coverage_of="box")
+
+
+# ------------------------------------------------------------------------------- MBS growth budget
+
+
+def test_growth_budget_lowers_the_mbs_threshold_only_where_features_do_not_separate():
+    # the same slice with well-separated SAM features (the budget never binds: identical search) ...
+    slice_ = random_slice(64, 3)
+    paper = run(slice_, config(64, search="mbs"))
+    budget = run(slice_, config(64, search="mbs", mbs_max_growth=1000.0))
+    for k, trace in paper.classes.items():
+        assert budget.classes[k].mbs_threshold == trace.mbs_threshold
+        np.testing.assert_array_equal(budget.classes[k].mask, trace.mask)
+    # ... and a tight budget: at most |mask| pixels outside the start mask stay below the threshold
+    tight = run(slice_, config(64, search="mbs", mbs_max_growth=0.5))
+    lowered = [k for k, t in tight.classes.items()
+               if t.mbs_threshold is not None and t.mbs_threshold < paper.classes[k].mbs_threshold]
+    assert lowered, {k: (t.mbs_threshold, paper.classes[k].mbs_threshold) for k, t in tight.classes.items()}
+
+
+@pytest.mark.parametrize("search", ["mbs", "dbs"])
+def test_growth_budget_agrees_with_the_reference_implementation(search):
+    seen: set = set()
+    for seed in (0, 3):
+        _assert_same_as_reference(random_slice(64, seed), config(64, search=search, mbs_max_growth=0.5), seen)
+    assert any(outcome == "sam" for outcome, _ in seen), seen
+
+
+def test_growth_budget_is_validated():
+    with pytest.raises(ValueError, match=r"mbs_max_growth must be >= 0 \(0 = off\), got -1"):
+        config(64, mbs_max_growth=-1)

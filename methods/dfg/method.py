@@ -19,7 +19,8 @@ Ablation switches (config): ``fa.enabled``, ``search.search`` (naive | tbs | mbs
 ``cp``, and ``stop_after_fa`` (the "FA only" row). The variant name lists them, e.g. ``fa+dbs+cp``. Box-search
 options away from their defaults append a token, in this order: ``+ltol`` (``search.tolerance_scaling:
 length``), ``+reach`` (``search.steps_scaling: reach``; both for tbs/mbs/dbs only, naive uses neither) and
-``+cover-pred50`` / ``+cover-region80`` (``search.min_coverage`` of ``search.coverage_of``) and ``+guard-side`` /
+``+grow1`` (``search.mbs_max_growth: 1``), ``+cover-pred50`` / ``+cover-region80`` (``search.min_coverage`` of
+``search.coverage_of``) and ``+guard-side`` /
 ``+guard-seed`` (``search.twin_guard``), e.g. ``fa+dbs+cp+ltol+guard-side``.
 """
 from __future__ import annotations
@@ -40,6 +41,12 @@ _SEARCH_OPTION_TOKENS = (
     ("steps_scaling", "fixed", {"fixed": "", "reach": "reach"}),
     ("twin_guard", "none", {"none": "", "side": "guard-side", "seed": "guard-seed"}),
 )
+
+
+def _growth_token(search) -> list[str]:
+    """["grow1"] for mbs_max_growth 1, [] when off (the paper)."""
+    growth = float(search.get("mbs_max_growth", 0.0))
+    return [f"grow{growth:g}"] if growth else []
 
 
 def _coverage_token(search) -> list[str]:
@@ -81,7 +88,7 @@ class DFG(Method):
         tokens = _SEARCH_OPTION_TOKENS if search["search"] != "naive" else _SEARCH_OPTION_TOKENS[-1:]
         for key, default, names in tokens:
             if key == "twin_guard" and search["search"] != "naive":
-                parts.extend(_coverage_token(search))      # the coverage token precedes the guard's
+                parts.extend(_growth_token(search) + _coverage_token(search))   # these precede the guard's
             value = str(search.get(key, default))
             if value not in names:
                 raise ValueError(f"search.{key}={value!r} unknown; use one of {', '.join(names)}")

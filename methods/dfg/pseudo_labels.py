@@ -54,6 +54,7 @@ def refine_pseudo_labels(model: nn.Module, target_train: TargetImages, search_cf
     outcome_of_slice = {o: [[""] * s[0] for s in shapes] for o in context.organs}
     totals = collections.Counter()
     seconds = collections.Counter()
+    thresholds: dict[str, list[float]] = {o: [] for o in context.organs}   # MBS threshold per organ and slice
     data = torch.utils.data.DataLoader(target_train, batch_size=batch_size, shuffle=False, num_workers=0)
     index = 0
     for batch in context.progress(data, desc=f"box search ({cfg.search})"):
@@ -73,13 +74,19 @@ def refine_pseudo_labels(model: nn.Module, target_train: TargetImages, search_cf
             _count(result, context.organs, outcomes, totals)
             for c, trace in result.classes.items():
                 outcome_of_slice[context.organs[c - 1]][ci][z] = outcome_key(trace)
+                if trace.mbs_threshold is not None:
+                    thresholds[context.organs[c - 1]].append(trace.mbs_threshold)
             if index in draw:
                 _save_figures(context.run_dir / "figures", image, result, context.organs,
                               f"{target_train.case_ids[ci]}_z{z:03d}")
             index += 1
     stats = {
         "search": cfg.search, "stage3": cfg.stage3, "slices": index,
-        "mbs_cap": cfg.mbs_cap, "tolerance_scaling": cfg.tolerance_scaling, "steps_scaling": cfg.steps_scaling,
+        "mbs_cap": cfg.mbs_cap, "mbs_max_growth": cfg.mbs_max_growth,
+        # how often MBS's threshold is the cap: where it always is, the cap, not the mask's spread, sets the region
+        "mbs_threshold": {organ: {"median": float(np.median(v)), "at_cap": float(np.mean(np.isclose(v, cfg.mbs_cap))),
+                                  "slices": len(v)} for organ, v in thresholds.items() if v},
+        "tolerance_scaling": cfg.tolerance_scaling, "steps_scaling": cfg.steps_scaling,
         "twin_guard": cfg.twin_guard,
         "scaled_settings": {**{n: getattr(cfg, n) for n in cfg._PIXEL_COUNTS + cfg._LENGTHS},
                             "max_steps": dict(zip(context.organs, cfg.max_steps))},
