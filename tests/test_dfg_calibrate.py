@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from sfdabench.config import compose_run_config
 from sfdabench_methods.dfg.box_search import centroid_distance
-from sfdabench_methods.dfg.calibrate import allowed_region_dice, best_cap, main
+from sfdabench_methods.dfg.calibrate import allowed_region_dice, best_cap, main, outside_share
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -40,6 +40,16 @@ def test_allowed_region_stops_at_a_cap_below_the_surroundings_distance():
     assert allowed_region_dice(distance, organ, multiplier=2.5, cap=1.0) > 0.8 > flooded
 
 
+def test_outside_share_counts_the_surroundings_under_the_threshold():
+    features, organ = _two_tissues(distance=0.3)
+    distance = centroid_distance(features, organ)
+    assert outside_share(distance, organ, multiplier=1e4, cap=0.2) == 0.0      # the surroundings sit at 0.3
+    assert outside_share(distance, organ, multiplier=1e4, cap=0.5) == 1.0
+    near = distance.copy()
+    near[0, :10] = 0.0                                                          # 10 of the 351 outside pixels
+    assert outside_share(near, organ, multiplier=1e4, cap=0.2) == pytest.approx(10 / (~organ).sum())
+
+
 def test_best_cap_is_the_largest_within_the_tie_tolerance_of_the_best_search_dice():
     table = pd.DataFrame([
         {"cap": 0.15, "measure": "search", "mean": 0.910}, {"cap": 0.2, "measure": "search", "mean": 0.906},
@@ -59,3 +69,19 @@ def test_bad_arguments_are_one_line_errors(capsys):
     assert main(["task=phantom_mri2ct", "every=0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "every must be >= 1" in err
+
+
+@pytest.mark.slow
+def test_calibration_writes_every_measure_per_cap(tmp_path, capsys):
+    from conftest import TINY_PHANTOM
+
+    overrides = [o for o in TINY_PHANTOM if not o.startswith("num_threads")]
+    assert main(["task=phantom_mri2ct", "every=8", "caps=[0.2,0.35]", "num_threads=1", *overrides,
+                 f"results_dir={tmp_path}", f"cache_dir={tmp_path / 'cache'}"]) == 0
+    table = pd.read_csv(tmp_path / "calibration" / "phantom_mri2ct_mbs_cap.csv")
+    assert sorted(map(tuple, table[["cap", "measure"]].values.tolist())) == [
+        (0.2, "outside"), (0.2, "region"), (0.2, "search"), (0.35, "outside"), (0.35, "region"), (0.35, "search")]
+    assert table["mean"].between(0, 1).all()
+    outside = table[table.measure == "outside"].set_index("cap")["mean"]
+    assert outside[0.2] <= outside[0.35]                      # a looser cap lets more of the slice in
+    assert "calibrated mbs_cap for phantom_mri2ct" in capsys.readouterr().out
