@@ -702,7 +702,12 @@ def cmd_leaderboard(args: Sequence[str]) -> int:
                         help=f"aggregate despite differing protocol columns ({', '.join(PROTOCOL_COLUMNS)})")
     parser.add_argument("--export-rows", action="store_true",
                         help="also write the input rows of each task to OUT/<task>.csv (reference leaderboards)")
+    parser.add_argument("--name", default=SUMMARY_NAME,
+                        help=f"file stem of the summaries in OUT (default {SUMMARY_NAME}; another one keeps two "
+                             f"reference leaderboards side by side in one folder)")
     ns = parser.parse_args(list(args))
+    if not ns.name or "/" in ns.name or ns.name.startswith("."):
+        raise UsageError(f"--name {ns.name!r} must be a plain file stem such as sample_mri2ct_summary")
     inputs = ns.results or [DEFAULT_INPUT]
     rows = load_rows(inputs)
     cases = load_cases(inputs, rows)
@@ -710,7 +715,7 @@ def cmd_leaderboard(args: Sequence[str]) -> int:
     summary = aggregate(rows, parse_allow_mixed(ns.allow_mixed), cases)
     out_dir = ns.out or Path.cwd()
     kept = latest_run_per_seed(rows, group_key(parse_allow_mixed(ns.allow_mixed)), warn=False)
-    paths = write_outputs(summary, out_dir, cost_table=costs(kept, timings))
+    paths = write_outputs(summary, out_dir, ns.name, cost_table=costs(kept, timings))
     if ns.export_rows:
         paths.update(export_rows(rows, out_dir, cases, timings))
     print(to_markdown(summary))

@@ -566,6 +566,18 @@ def test_export_rows_writes_one_reference_csv_per_task(board, tmp_path):
                                   first[cols].sort_values(cols[:4]).reset_index(drop=True))
 
 
+def test_summary_name_keeps_two_leaderboards_in_one_folder(board, tmp_path, capsys):
+    out = tmp_path / "ref"
+    assert main(["leaderboard", str(board), "--out", str(out)]) == 0
+    assert main(["leaderboard", str(board), "--out", str(out), "--name", "sample_summary"]) == 0
+    assert (out / "leaderboard_summary.md").read_text() == (out / "sample_summary.md").read_text()
+    assert (out / "sample_summary.csv").is_file() and (out / "sample_summary.png").is_file()
+    capsys.readouterr()
+    assert main(["leaderboard", str(board), "--out", str(out), "--name", "../x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--name '../x' must be a plain file stem" in err and err.count("\n") == 0
+
+
 def test_compare_uses_the_seeds_both_sides_have(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     write_run(a, method="m", seed=0, dice={"liver": [0.8, 0.8]})
