@@ -58,7 +58,7 @@ def test_sample_mri2ct_target_is_both_real_ct_volumes(sample_data, tmp_path):
     assert "transductive" in cfg.task.data_protocol
     for cid in adapter.case_ids("test"):
         case = adapter.load_case(cid)
-        assert case.image.shape[1:] == (256, 256) and 0 <= case.image.min() and case.image.max() <= 1
+        assert case.image.shape[1:] == (cfg.task.size,) * 2 and 0 <= case.image.min() and case.image.max() <= 1
         counts = np.bincount(case.label.ravel(), minlength=5)
         assert (counts[1:] > 0).all(), (cid, counts)
         liver = np.argwhere(case.label == 4).mean(axis=0)

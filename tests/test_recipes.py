@@ -51,3 +51,12 @@ def test_an_unknown_recipe_is_a_one_line_usage_error(tmp_path: Path):
     lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "unknown recipe 'dgf'" in lines[0] and "method.recipe=dfg" in lines[0], out.stderr
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").rglob("done"))
+
+
+@pytest.mark.parametrize("task, expected", [("phantom_mri2ct", {"mean": 0.9, "organ": 0.8}),
+                                            ("sample_mri2ct", {"mean": 0.85, "organ": 0.75})])
+def test_a_task_may_set_its_source_bar_and_the_command_line_wins(task, expected):
+    cfg = compose_run_config([f"task={task}"])
+    assert OmegaConf.to_container(cfg.source_min_dice, resolve=True) == expected
+    cfg = compose_run_config([f"task={task}", "source_min_dice.mean=0.5"])
+    assert OmegaConf.to_container(cfg.source_min_dice, resolve=True)["mean"] == 0.5
