@@ -46,3 +46,65 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# --- Runs started at collection, joined by their test ---------------------------------------------------------
+# A test that reruns a reference row spends minutes in one single-threaded subprocess. Started when the suite is
+# collected (only if that test was selected), it runs on the second core while the rest of the suite runs, and
+# its test only waits for it. The rerun is pinned to one thread, so its numbers do not depend on the load.
+
+#: test node name -> CLI arguments of the run it needs (results_dir is added).
+BACKGROUND_RUNS: dict[str, list[str]] = {}
+_BACKGROUND = pytest.StashKey[dict]()   # test name -> (process, work dir, log file) of the started runs
+
+
+def background_run(test_name: str, *args: str) -> None:
+    """Declare (at import of a test module) that ``test_name`` needs ``sfdabench ARGS`` run in the background."""
+    BACKGROUND_RUNS[test_name] = list(args)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    import tempfile
+
+    started = {}
+    config.stash[_BACKGROUND] = started
+    if config.option.collectonly:
+        return
+    for item in items:
+        args = BACKGROUND_RUNS.get(item.originalname)
+        if args is None or item.originalname in started:
+            continue
+        skip = getattr(item.module, "background_skip_reason", lambda: "")()
+        if skip:
+            continue
+        workdir = Path(tempfile.mkdtemp(prefix=f"sfdabench-{item.originalname}-"))
+        log = open(workdir / "output.txt", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "sfdabench", *args, f"results_dir={workdir / 'res'}"],
+                                cwd=workdir, stdout=log, stderr=subprocess.STDOUT, text=True)
+        started[item.originalname] = (proc, workdir, log)
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    for proc, workdir, log in config.stash.get(_BACKGROUND, {}).values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def background_result(request):
+    """The finished background run of this test: (return code, output text, results dir)."""
+    started = request.config.stash.get(_BACKGROUND, {})
+    if request.node.originalname not in started:
+        skip = getattr(request.module, "background_skip_reason", lambda: "")()
+        if skip:
+            pytest.skip(skip)
+        pytest.fail(f"{request.node.originalname} declared no background run (conftest.background_run)")
+    proc, workdir, log = started[request.node.originalname]
+    proc.wait(timeout=1800)
+    log.flush()
+    return proc.returncode, (workdir / "output.txt").read_text(), workdir / "res"
