@@ -597,14 +597,17 @@ def test_compare_uses_the_seeds_both_sides_have(tmp_path):
 # ------------------------------------------------------------------- source weights, legacy rows, bad input
 
 
-@pytest.mark.parametrize("folder", ["leaderboard", "leaderboard/archive/128px-4cases-58b5811",
-                                    "leaderboard/archive/epoch-budgets-1839641"])
-def test_committed_reference_rows_reproduce_the_committed_summary(tmp_path, folder):
+@pytest.mark.parametrize("folder, tasks, summary", [
+    ("leaderboard", ("phantom_mri2ct", "phantom_ct2mri"), "leaderboard_summary"),
+    ("leaderboard", ("sample_mri2ct",), "sample_mri2ct_summary"),
+    ("leaderboard/archive/128px-4cases-58b5811", ("phantom_mri2ct", "phantom_ct2mri"), "leaderboard_summary"),
+    ("leaderboard/archive/epoch-budgets-1839641", ("phantom_mri2ct", "phantom_ct2mri"), "leaderboard_summary")])
+def test_committed_reference_rows_reproduce_the_committed_summary(tmp_path, folder, tasks, summary):
     """The reference rows aggregate to the committed summary bytes, and exporting them gives them back byte
     for byte: the current ones (every row names its source weights, one source model per task and seed) and
     the superseded legacy ones (no source weights recorded)."""
     ref = REPO / folder
-    inputs = [ref / "phantom_mri2ct.csv", ref / "phantom_ct2mri.csv"]
+    inputs = [ref / f"{task}.csv" for task in tasks]
     rows = lb.load_rows(inputs)
     assert rows.source_config.str.fullmatch("[0-9a-f]{12}").all()
     if "epoch-budgets" in folder:
@@ -612,7 +615,7 @@ def test_committed_reference_rows_reproduce_the_committed_summary(tmp_path, fold
     else:
         assert rows.source_weights.str.fullmatch("[0-9a-f]{16}").all()
         assert (rows.groupby(["task", "seed"]).source_weights.nunique() == 1).all()
-    assert lb.summarize(inputs).to_csv(index=False) == (ref / "leaderboard_summary.csv").read_text()
+    assert lb.summarize(inputs).to_csv(index=False) == (ref / f"{summary}.csv").read_text()
     cases, timings = lb.load_cases(inputs, rows), lb.load_timings(inputs, rows)
     paths = lb.export_rows(rows, tmp_path, cases, timings)
     for path in inputs:
