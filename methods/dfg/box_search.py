@@ -418,6 +418,11 @@ def grow_within(region: np.ndarray, allowed: np.ndarray, offsets: Sequence[tuple
     return region | (neighbours_of(region, offsets).any(axis=0) & allowed)
 
 
+def mbs_threshold(distance: np.ndarray, mask: np.ndarray, multiplier: float, cap: float) -> float:
+    """MBS's distance threshold (spec): ``min(multiplier x mean in-mask distance, cap)``."""
+    return min(multiplier * float(distance[mask].mean()), cap)
+
+
 def centroid_distance(features: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """MBS's distance map: 1 - cosine of every pixel's unit feature (C, H, W) to the normalised mean feature of
     ``mask`` (bool H, W)."""
@@ -692,16 +697,16 @@ class _ClassSearch:
         features = self.ctx.sam_features
         start_mask = self.masks[start]
         distance = centroid_distance(features, start_mask)
-        self.mbs_threshold = min(cfg.mbs_multiplier * float(distance[start_mask].mean()), cfg.mbs_cap)
+        self.mbs_threshold = mbs_threshold(distance, start_mask, cfg.mbs_multiplier, cfg.mbs_cap)
         if cfg.mbs_max_growth > 0:
             # Option (off = the paper): lower the threshold until at most mbs_max_growth x |start mask| pixels
             # outside the start mask pass it. Where SAM's features separate the organ from the rest (real CT:
             # < 1% of the non-organ pixels within the cap, measured) it never binds; where they do not (the
             # phantom: 13-19%), the cap alone lets the region and the box spread over the body.
-            outside = np.sort(distance[~start_mask], axis=None)
+            outside = distance[~start_mask]
             budget = int(cfg.mbs_max_growth * start_mask.sum())
-            if budget < outside.size:
-                self.mbs_threshold = min(self.mbs_threshold, float(outside[budget]))
+            if budget < outside.size:     # the (budget+1)-th smallest outside distance; a partition, not a sort
+                self.mbs_threshold = min(self.mbs_threshold, float(np.partition(outside, budget)[budget]))
         allowed = distance < self.mbs_threshold
 
         region = start_mask.copy()

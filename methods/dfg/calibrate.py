@@ -45,7 +45,7 @@ from sfdabench.api import SliceDataset
 from sfdabench.evaluation import dice_per_organ
 from sfdabench.training import predict
 
-from .box_search import BoxSearchConfig, centroid_distance, sam_feature_map, search_slice
+from .box_search import BoxSearchConfig, centroid_distance, mbs_threshold, sam_feature_map, search_slice
 
 log = logging.getLogger("sfdabench")
 
@@ -58,7 +58,7 @@ def allowed_region_dice(distance: np.ndarray, organ: np.ndarray, multiplier: flo
     """Dice of ``organ`` (bool H, W) and MBS's allowed region around it: the 8-connected components of
     ``distance < min(multiplier x mean in-organ distance, cap)`` that touch the organ. ``distance``: MBS's
     ``centroid_distance`` map with the organ's centroid."""
-    allowed = distance < min(multiplier * float(distance[organ].mean()), cap)
+    allowed = distance < mbs_threshold(distance, organ, multiplier, cap)
     components, _ = ndimage.label(allowed, structure=np.ones((3, 3)))
     touching = np.unique(components[organ & allowed])
     region = np.isin(components, touching[touching > 0])
@@ -67,15 +67,14 @@ def allowed_region_dice(distance: np.ndarray, organ: np.ndarray, multiplier: flo
 
 def outside_share(distance: np.ndarray, organ: np.ndarray, multiplier: float, cap: float) -> float:
     """Share of the non-organ pixels with ``distance < min(multiplier x mean in-organ distance, cap)``."""
-    threshold = min(multiplier * float(distance[organ].mean()), cap)
-    return float((distance[~organ] < threshold).mean())
+    return float((distance[~organ] < mbs_threshold(distance, organ, multiplier, cap)).mean())
 
 
 def calibrate(cases: Sequence, model: torch.nn.Module, sam, organs: Sequence[str], search_cfg: Mapping[str, Any],
               caps: Sequence[float] = DEFAULT_CAPS, every: int = 1,
               device: torch.device = torch.device("cpu")) -> pd.DataFrame:
-    """One row per cap and measure: ``cap``, ``measure`` (region | outside | search), one column per organ and ``mean``, over every
-    ``every``-th slice of the labelled source ``cases``. ``search`` is the Dice of all those slices pooled."""
+    """One row per cap and measure: ``cap``, ``measure`` (region | outside | search), one column per organ and
+    ``mean``, over every ``every``-th slice of the labelled source ``cases``. ``search`` is the Dice of all those slices pooled."""
     predicted = predict(model, SliceDataset(cases, labels=False), device=device, want=("probs", "features"))
     picked = [(ci, z) for ci, case in enumerate(cases) for z in range(case.num_slices)][::every]
     multiplier = float(search_cfg.get("mbs_multiplier", 2.5))
