@@ -4,8 +4,8 @@ A diagnostic, not a method to rank: it answers "how good could box-prompted pseu
 backend, and how far would retraining on them get?" Per target-train slice and organ present in the
 *ground truth*, one box around the organ (``box_margin`` pixels wider, the margin DFG's search uses; scaled
 with the slice side from ``reference_size``) goes to ``context.sam``; the masks are merged as DFG merges
-its classes (see :mod:`sfdabench.sam.ceiling`). The source model is then retrained on these pseudo-labels
-with the recipe ``recipe`` names: ``dfg`` (default), DFG's retraining (spec 6.1: Dice loss, Adam 1e-4, x0.8;
+its classes (``merge_scores``, see :mod:`sfdabench.sam.ceiling`). The source model is then retrained on these
+pseudo-labels with the recipe ``recipe`` names: ``dfg`` (default), DFG's retraining (spec 6.1: Dice loss, Adam 1e-4, x0.8;
 no FA before it), or ``source``, the source model's recipe, which ``oracle`` uses on the true labels. With
 both recipes on both methods, the table separates label quality (GT-box SAM labels vs true labels) from the
 recipe. Its pseudo-label Dice (``pseudo_label_dice/gt_box``) is the ceiling that DFG's box search is
@@ -29,6 +29,7 @@ class BoxCeiling(Method):
     """Ceiling of box prompting: SAM with ground-truth boxes, then retraining (uses target labels)."""
 
     name = "box_ceiling"
+    stage_labels = {"gt_box": "PL (GT boxes)"}
     uses_target_labels = True
     uses_sam = True
 
@@ -46,7 +47,7 @@ class BoxCeiling(Method):
         with context.phase("gt_box_pseudo_labels"):
             pseudo, stats = gt_box_pseudo_labels(
                 context.sam, [target_train.volume(i) for i in range(len(target_train.case_ids))], labels,
-                context.organs, margin, context.progress)
+                context.organs, margin, tuple(map(float, self.cfg["merge_scores"])), context.progress)
         context.record("box_ceiling", stats)
         context.pseudo_label_quality("gt_box", pseudo)
         with context.phase("retrain"):

@@ -229,6 +229,7 @@ class DPL(Method):
     """DPL (Chen et al., MICCAI 2021): MC-dropout + prototype-denoised pseudo-labels, then masked training."""
 
     name = "dpl"
+    stage_labels = {"mc_mean": "PL (MC-dropout mean)"}
 
     def adapt(self, source_model: nn.Module, target_train: TargetImages, context: Context) -> nn.Module:
         cfg = self.cfg

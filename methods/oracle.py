@@ -20,6 +20,7 @@ class Oracle(Method):
 
     name = "oracle"
     uses_target_labels = True
+    reference = "upper"       # the gap closed is measured to it
 
     def __init__(self, cfg):
         super().__init__(cfg)

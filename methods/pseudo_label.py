@@ -106,6 +106,7 @@ class PseudoLabel(Method):
     """Self-training with CE on the source model's pseudo-labels, per-class entropy-percentile filtered."""
 
     name = "pseudo_label"
+    stage_labels = {"source_model": "PL of the source model"}
 
     def variant(self) -> str:
         p = self.cfg["percentile"]

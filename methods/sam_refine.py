@@ -115,6 +115,7 @@ class SamRefine(Method):
     """Naive SAM refinement (DFG Fig. 1b): one box per class around the source prediction, then retraining."""
 
     name = "sam_refine"
+    stage_labels = {"source_model": "PL of the source model", "sam": "PL after SAM"}
     uses_sam = True
 
     def variant(self) -> str:

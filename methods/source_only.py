@@ -11,6 +11,7 @@ class SourceOnly(Method):
     """No adaptation: the cached source model as is (w/o adaptation row of every SFDA table)."""
 
     name = "source_only"
+    reference = "lower"       # paired differences and the gap closed are measured from it
 
     def adapt(self, source_model: nn.Module, target_train: TargetImages, context: Context) -> nn.Module:
         return source_model

@@ -334,6 +334,7 @@ class UPLSFDA(Method):
     """UPL-SFDA (Wu et al., TMI 2023): K dropout-perturbed heads, twice-forward pseudo-label Dice + entropy."""
 
     name = "upl_sfda"
+    stage_labels = {"upl_init": "PL at the start (reliable pixels)", "upl_last": "PL at the end (reliable pixels)"}
 
     def variant(self) -> str:
         cfg = self.cfg

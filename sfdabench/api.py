@@ -164,21 +164,18 @@ class SamEmbedding:
 class Context:
     """What the harness lends a method during ``adapt``: device, seed, caches, progress, SAM, diagnostics.
 
-    Diagnostics (``pseudo_label_quality``) measure pseudo-labels against target-train ground truth that
-    the method never sees: the method passes its pseudo-labels in and gets nothing back, so ground truth
-    cannot influence a decision. Methods that declare ``uses_target_labels = True`` (the oracle, and label
-    diagnostics such as the box-prompt ceiling) may call ``target_train_labels``; they are marked as not
-    SFDA in every result row.
+    Diagnostics (``pseudo_label_quality``, ``pseudo_label_quality_by_group``, ``box_prompt_ceiling``) measure
+    pseudo-labels against target-train ground truth that the method never sees: the method passes its
+    pseudo-labels in and gets nothing back, so ground truth cannot influence a decision. The harness lends the
+    measuring service (``target_labels``, a :class:`sfdabench.label_diagnostics.TargetLabelDiagnostics`; None
+    for an unlabelled target, and then the diagnostics record nothing). Methods that declare
+    ``uses_target_labels = True`` (the oracle, the box-prompt ceiling) may call ``target_train_labels``; they
+    are marked as not SFDA in every result row.
     """
 
     def __init__(self, *, device: torch.device, seed: int, cache_dir: Path, run_dir: Path,
                  organs: Sequence[str], sam_factory: Callable[[], SamBackend] | None = None,
-                 label_oracle: Callable[[], list[np.ndarray]] | None = None,
-                 pseudo_label_scorer: Callable[[list[np.ndarray]], dict[str, float]] | None = None,
-                 box_ceiling: Callable[..., tuple[dict[str, float], dict]] | None = None,
-                 pseudo_label_confusion: Callable[[list[np.ndarray]], dict] | None = None,
-                 pseudo_label_group_scorer: Callable[[list[np.ndarray], Mapping], dict] | None = None,
-                 allow_labels: bool = False, progress: bool = True):
+                 target_labels: Any = None, allow_labels: bool = False, progress: bool = True):
         self.device = device
         self.seed = seed
         self.cache_dir = Path(cache_dir)
@@ -191,11 +188,7 @@ class Context:
         self.timings: dict[str, float] = {}
         self._sam_factory = sam_factory
         self._sam: SamBackend | None = None
-        self._label_oracle = label_oracle
-        self._scorer = pseudo_label_scorer
-        self._box_ceiling = box_ceiling
-        self._confusion = pseudo_label_confusion
-        self._group_scorer = pseudo_label_group_scorer
+        self._labels = target_labels
         self._allow_labels = allow_labels
         self.log = log
 
@@ -236,13 +229,14 @@ class Context:
 
     def pseudo_label_quality(self, stage: str, volumes: list[np.ndarray]) -> dict[str, float]:
         """Score target-train pseudo-label volumes (one (Z, H, W) array per case, in TargetImages order)
-        against the hidden ground truth; recorded under ``pseudo_label_dice/<stage>``. Measurement only."""
-        if self._scorer is None:
+        against the hidden ground truth; recorded under ``pseudo_label_dice/<stage>`` and, which class went
+        where (twin-organ swaps, missed organs), ``pseudo_label_confusion/<stage>``. Measurement only. Name
+        the stages in the method's ``stage_labels``."""
+        if self._labels is None:
             return {}
-        scores = self._scorer(volumes)
+        scores = self._labels.dice(volumes)
         self.diagnostics.setdefault("pseudo_label_dice", {})[stage] = scores
-        if self._confusion is not None:  # which class went where (twin-organ swaps, missed organs)
-            self.diagnostics.setdefault("pseudo_label_confusion", {})[stage] = self._confusion(volumes)
+        self.diagnostics.setdefault("pseudo_label_confusion", {})[stage] = self._labels.confusion(volumes)
         self._stage_volumes[stage] = volumes
         return scores
 
@@ -253,36 +247,40 @@ class Context:
         under ``pseudo_label_by_group/<stage>`` as ``{organ: {group: {slices, gt_pixels, pixels, recall,
         precision, dice}}}``. Measurement only: nothing is returned. Score several stages with the same
         groups to see what a stage did to the slices of each group (e.g. the target prediction vs SAM's)."""
-        if self._group_scorer is None:
+        if self._labels is None:
             return
-        self.diagnostics.setdefault("pseudo_label_by_group", {})[stage] = self._group_scorer(volumes, groups)
+        self.diagnostics.setdefault("pseudo_label_by_group", {})[stage] = self._labels.by_group(volumes, groups)
 
-    def compare_with_box_ceiling(self, stage: str, *, margin: int, classes_from: str | None = None) -> None:
-        """Measure how close a box search came to its ceilings (measurement only, nothing is returned).
+    def box_prompt_ceiling(self, stage: str, *, margin: int, scores: tuple[float, float],
+                           classes_from: str | None = None) -> None:
+        """For a method that prompts SAM with boxes: how close its pseudo-labels of ``stage`` came to what SAM
+        gives for ground-truth boxes (measurement only, nothing is returned).
 
         The harness prompts ``self.sam`` with ground-truth boxes (``margin`` pixels wider on each side: pass
-        the search's own margin) on every target-train slice and scores those pseudo-labels:
+        the method's own margin) on every target-train slice and merges the classes' masks with the method's
+        ``scores`` (background, mask), then scores those pseudo-labels:
         - ``gt_box_ceiling``: every organ present in the ground truth, with its true class. It hands class
           identity and presence over for free, so it bounds detection + classification + box together.
         - ``class_keeping_ceiling`` (when ``classes_from`` names an earlier ``pseudo_label_quality`` stage,
           e.g. the model the search started from): for each class that stage predicts on a slice, the
           ground-truth box of the organ its region overlaps most, labelled with the *predicted* class. It
-          keeps that model's class identity and presence, so it bounds the box search alone.
+          keeps that model's class identity and presence, so it bounds the box prompts alone.
         ``box_search_efficiency`` (against the first) and ``box_search_efficiency_class_keeping`` (against
         the second) = pseudo-label Dice of ``stage`` / ceiling Dice, per organ and ``mean``. Call it after
         ``pseudo_label_quality(stage, ...)``.
         """
         searched = self.diagnostics.get("pseudo_label_dice", {}).get(stage)
-        if self._box_ceiling is None or searched is None:
+        if self._labels is None or not self._labels.box_prompts or searched is None:
             return
         start = time.perf_counter()
-        ceiling, stats = self._box_ceiling(self.sam, int(margin))
+        ceiling, stats = self._labels.box_prompt_ceiling(self.sam, int(margin), scores)
         self.diagnostics["pseudo_label_dice"]["gt_box_ceiling"] = ceiling
-        self.diagnostics["box_ceiling"] = {**stats, "stage": stage, "seconds": time.perf_counter() - start}
+        self.diagnostics["gt_box_ceiling"] = {**stats, "stage": stage, "seconds": time.perf_counter() - start}
         self.diagnostics["box_search_efficiency"] = _ratio(searched, ceiling)
         if classes_from is not None and classes_from in self._stage_volumes:
             start = time.perf_counter()
-            keeping, stats = self._box_ceiling(self.sam, int(margin), classes=self._stage_volumes[classes_from])
+            keeping, stats = self._labels.box_prompt_ceiling(self.sam, int(margin), scores,
+                                                             classes=self._stage_volumes[classes_from])
             self.diagnostics["pseudo_label_dice"]["class_keeping_ceiling"] = keeping
             self.diagnostics["class_keeping_ceiling"] = {**stats, "stage": stage, "classes_from": classes_from,
                                                          "seconds": time.perf_counter() - start}
@@ -290,10 +288,13 @@ class Context:
 
     def target_train_labels(self) -> list[np.ndarray]:
         """Ground-truth target-train label volumes. Only for methods with ``uses_target_labels = True``."""
-        if not self._allow_labels or self._label_oracle is None:
+        if not self._allow_labels:
             raise SfdaBenchError("target-train labels are not available to source-free methods; a method "
                                  "that needs them must declare uses_target_labels = True (and is not SFDA)")
-        return self._label_oracle()
+        if self._labels is None:
+            raise SfdaBenchError("this task's target-train split has no labels; a method that reads them "
+                                 "(uses_target_labels) cannot run on it")
+        return self._labels.labels
 
 
 def _ratio(searched: Mapping[str, float], ceiling: Mapping[str, float]) -> dict[str, float]:
@@ -322,6 +323,15 @@ class Method(abc.ABC):
     selection: ClassVar[str] = "last"
     #: True if the method prompts ``context.sam``; the SAM backend then goes into the result rows.
     uses_sam: ClassVar[bool] = False
+    #: The method's role as a reference of the tables: ``"lower"`` (no adaptation: the paired differences and
+    #: the gap closed are measured from it), ``"upper"`` (target-supervised: the gap closed is measured to it)
+    #: or ``""`` (a method to compare). At most one registered method takes each role.
+    reference: ClassVar[str] = ""
+    #: The pseudo-label stages the method scores (``context.pseudo_label_quality(stage, ...)``), in the order
+    #: it produces them, with the label tables and the report give them.
+    stage_labels: ClassVar[Mapping[str, str]] = {}
+    #: The method's ablation grid (``sfdabench ablate method=<name>``), or None: the method has none.
+    ablation: ClassVar["Ablation | None"] = None
 
     def __init__(self, cfg: Mapping[str, Any]):
         self.cfg = cfg
@@ -333,6 +343,33 @@ class Method(abc.ABC):
     @abc.abstractmethod
     def adapt(self, source_model: nn.Module, target_train: TargetImages, context: Context) -> nn.Module:
         """Return the adapted segmenter."""
+
+
+class Ablation(abc.ABC):
+    """A method's ablation grid: variant names (as ``Method.variant()`` names its runs) and their settings.
+
+    ``sfdabench ablate method=<name>`` runs the variants of a grid as ordinary protocol runs (each variant's
+    ``settings`` merged into the method's config) and tabulates them with the ``cells`` this class gives.
+    """
+
+    #: Named lists of variant names; ``"default"`` is the grid ``ablate`` runs without ``variants=``.
+    grids: ClassVar[Mapping[str, Sequence[str]]] = {}
+    #: The variant the paper reports; a cell listed in ``optional_cells`` is shown only when some row's value
+    #: differs from this variant's (and is not ``"-"``).
+    reference: ClassVar[str] = ""
+    optional_cells: ClassVar[Sequence[str]] = ()
+
+    @abc.abstractmethod
+    def settings(self, variant: str) -> dict[str, Any]:
+        """The method-config settings of a variant name; a ``UsageError`` names a name that is not one."""
+
+    def columns(self, variant: str) -> dict[str, Any]:
+        """Machine-readable columns of the ablation CSV (e.g. ``{"cp": True}``)."""
+        return {}
+
+    def cells(self, variant: str) -> dict[str, str]:
+        """The ablation table's Markdown cells of a variant, ``{header: text}``, in column order."""
+        return {}
 
 
 # -------------------------------------------------------------------------------------- datasets

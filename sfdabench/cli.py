@@ -26,7 +26,7 @@ USAGE = """usage: sfdabench <command> [args]
 
 commands:
   run [overrides]        run one method on one task (Hydra: method=<m> task=<t> seed=<n> device=auto|cpu|cuda)
-                         add -m for a multirun sweep, e.g. sfdabench run -m method=source_only,oracle seed=0,1,2;
+                         add -m for a multirun sweep, e.g. sfdabench run -m method=<m1>,<m2> seed=0,1,2;
                          --cfg job prints the config, --config-dir DIR adds your own tasks (DIR/task/<t>.yaml)
   list [KIND]            list plugins: methods | tasks | datasets | metrics | sam (default: all)
   prepare task=<t> [data.<dataset>.root=<dir>]
@@ -36,8 +36,8 @@ commands:
   compare A B [--metric dice] [--max-regression 0.01] [--out report.md]
                          deltas, rank changes and paired Wilcoxon tests between two leaderboards;
                          exit code 1 when a row regressed by more than --max-regression (for CI)
-  ablate task=<t> [seeds=[0,1,2]] [variants=[fa+dbs+cp,fa-only]] [overrides]
-                         run the DFG ablation grid (Hydra multirun) and write the ablation table
+  ablate method=<m> task=<t> [seeds=[0,1,2]] [variants=[<v1>,<v2>|<grid>]] [overrides]
+                         run the ablation grid a method declares (Hydra multirun) and write its table
   report RUN_DIR [--out DIR] [--max-cases N]
                          an HTML page of one run: metrics, overlays, pseudo-label quality, box search, timings
   source export|import ...
@@ -150,6 +150,12 @@ def cmd_list(args: Sequence[str]) -> int:
             flag = ""
             if kind == "methods":
                 flag = " [uses target labels: not SFDA]" if entry.obj.uses_target_labels else ""
+                if entry.obj.reference:
+                    flag += f" [{entry.obj.reference} reference]"
+                if entry.obj.ablation is not None:
+                    grids = entry.obj.ablation.grids
+                    flag += (f" [ablation grids: " + ", ".join(f"{g} ({len(v)} variants)" for g, v in grids.items())
+                             + "]")
             print(f"  {name:<{width}}  {entry.distribution:<{dwidth}}  {entry.description}{flag}")
         if not entries:
             print("  (none)")
@@ -163,8 +169,8 @@ def cmd_list(args: Sequence[str]) -> int:
 RUN_HELP = """usage: sfdabench run [-m] [--cfg job|hydra|all [--resolve]] [--config-dir DIR] [key=value ...]
 
 Run one method on one task under the matched protocol; every setting is a Hydra override, e.g.
-  sfdabench run method=dfg task=phantom_mri2ct seed=0 device=cpu
-  sfdabench run method=source_only,oracle seed=0,1,2 -m      # multirun: every combination is one run
+  sfdabench run method=<m> task=phantom_mri2ct seed=0 device=cpu
+  sfdabench run method=<m1>,<m2> seed=0,1,2 -m               # multirun: every combination is one run
 Names: sfdabench list. The settings of a method: sfdabench run method=<m> --cfg job.
 
 options (anywhere on the line):
@@ -181,7 +187,8 @@ Every setting is checked before anything runs; a mistake stops with one line and
 LIST_HELP = """usage: sfdabench list [methods|tasks|datasets|metrics|sam ...]
 
 List the registered plugins of each kind (default: all) with the package that provides them;
-methods that read target labels are flagged "not SFDA"."""
+methods that read target labels are flagged "not SFDA"; the references of the tables (lower: no adaptation,
+upper: target-supervised) and the methods that declare ablation grids (sfdabench ablate method=<m>) say so."""
 
 
 def cmd_run(args: Sequence[str]) -> int:

@@ -1,7 +1,8 @@
-"""How much of the domain gap a method closed: ``gap_closed = (method - source_only) / (oracle - source_only)``.
+"""How much of the domain gap a method closed: ``gap_closed = (method - lower) / (upper - lower)``.
 
-Computed per seed, per organ and for the ``mean`` row, against the ``source_only`` (lower reference) and
-``oracle`` (upper reference, target-supervised) runs of the *same task, seed and source weights* (rows
+The references are the methods that declare them (``Method.reference``): ``lower``, no adaptation (the
+built-in ``source_only``), and ``upper``, target-supervised (the built-in ``oracle``). Computed per seed, per
+organ and for the ``mean`` row, against the reference runs of the *same task, seed and source weights* (rows
 written before the weights were recorded pair by their ``source_config``; see results.source_model), then
 aggregated over seeds (mean, std with ddof=1, n) like every other leaderboard number. 0 means no better than
 the source model, 1 means as good as target supervision; values below 0 or above 1 are kept (they happen).
@@ -22,12 +23,11 @@ import pandas as pd
 
 from sfdabench.results import source_model
 
-LOWER, UPPER = "source_only", "oracle"
 _SOURCE = "_source_model"  # working column: the source model a row started from
 #: gap_closed column name per metric (Dice is the headline column).
 COLUMNS = {"dice": "gap_closed", "asd": "gap_closed_asd", "hd95": "gap_closed_hd95"}
 HIGHER_IS_BETTER = {"dice": True, "asd": False, "hd95": False}
-#: Smallest oracle - source_only Dice difference for which the ratio means anything.
+#: Smallest upper - lower Dice difference for which the ratio means anything.
 MIN_GAP = 0.01
 MIN_RELATIVE_DISTANCE_GAP = 0.01
 
@@ -47,9 +47,22 @@ def _reference(rows: pd.DataFrame, method: str) -> tuple[pd.DataFrame, list[str]
     return ref.set_index(["task", "seed", _SOURCE, "organ"]), notes
 
 
-def per_seed(rows: pd.DataFrame, metrics: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
+def references() -> tuple[str, str]:
+    """(lower, upper): the methods that declare ``reference = "lower"`` / ``"upper"`` ("" where none does)."""
+    from sfdabench.plugins import get_registry
+
+    roles = get_registry().references()
+    return roles.get("lower", ""), roles.get("upper", "")
+
+
+def per_seed(rows: pd.DataFrame, metrics: Sequence[str], lower: str | None = None, upper: str | None = None
+             ) -> tuple[pd.DataFrame, list[str]]:
     """``rows`` (one run per key and seed) plus a ``gap_closed*`` column per metric and a ``gap_reason``
-    column (why the Dice gap is empty, '' where defined); and notes for the table."""
+    column (why the Dice gap is empty, '' where defined); and notes for the table. ``lower``/``upper``: the
+    reference methods (default: the registered methods that declare those roles)."""
+    if lower is None or upper is None:
+        found = references()
+        lower, upper = found[0] if lower is None else lower, found[1] if upper is None else upper
     out = rows.copy()
     needed = {"task", "seed", "organ", "method"}
     lacking = sorted(needed - set(rows.columns))
@@ -61,15 +74,16 @@ def per_seed(rows: pd.DataFrame, metrics: Sequence[str]) -> tuple[pd.DataFrame, 
         out["gap_reason"] = f"rows lack {', '.join(lacking)}"
         return out, []
     rows = rows.assign(**{_SOURCE: source_model(rows)})
-    lower, notes_lo = _reference(rows, LOWER)
-    upper, notes_hi = _reference(rows, UPPER)
+    lo_name, hi_name = lower or "(no lower reference method)", upper or "(no upper reference method)"
+    lower, notes_lo = _reference(rows, lower)
+    upper, notes_hi = _reference(rows, upper)
     index = pd.MultiIndex.from_frame(rows[["task", "seed", _SOURCE, "organ"]])
     reason = pd.Series("", index=rows.index, dtype=object)
     has_lo = index.isin(lower.index)
     has_hi = index.isin(upper.index)
-    reason[~has_hi] = f"no {UPPER} run for this task, seed and source checkpoint"
-    reason[~has_lo] = f"no {LOWER} run for this task, seed and source checkpoint"
-    reason[~has_lo & ~has_hi] = f"no {LOWER} and no {UPPER} run for this task, seed and source checkpoint"
+    reason[~has_hi] = f"no {hi_name} run for this task, seed and source checkpoint"
+    reason[~has_lo] = f"no {lo_name} run for this task, seed and source checkpoint"
+    reason[~has_lo & ~has_hi] = f"no {lo_name} and no {hi_name} run for this task, seed and source checkpoint"
     for metric in metrics:
         lo = lower[metric].reindex(index).to_numpy(dtype=float) if metric in lower else np.full(len(rows), np.nan)
         hi = upper[metric].reindex(index).to_numpy(dtype=float) if metric in upper else np.full(len(rows), np.nan)
@@ -83,7 +97,7 @@ def per_seed(rows: pd.DataFrame, metrics: Sequence[str]) -> tuple[pd.DataFrame, 
             known = has_lo & has_hi
             reason[known & ~np.isfinite(value)] = "metric is NaN"
             reason[known & np.isfinite(value) & ~(span >= least)] = (
-                f"{UPPER} not better than {LOWER} by {MIN_GAP} Dice: ratio undefined")
+                f"{hi_name} not better than {lo_name} by {MIN_GAP} Dice: ratio undefined")
     out["gap_reason"] = reason.to_numpy()
     return out, notes_lo + notes_hi
 

@@ -323,7 +323,7 @@ def organ_order(rows: pd.DataFrame) -> list[str]:
 def aggregate(rows: pd.DataFrame, allow_mixed: Iterable[str] = (), cases: pd.DataFrame | None = None
               ) -> pd.DataFrame:
     """Per (key, organ): mean, std (ddof=1), n and a 95% t interval over seeds of each metric; ranks among SFDA
-    rows by mean; the paired difference to ``source_only`` and significance ranks (sfdabench.statistics),
+    rows by mean; the paired difference to the lower reference method (``Method.reference``) and significance ranks (sfdabench.statistics),
     over the per-case values in ``cases`` where every run has them, else over seeds."""
     check_protocol(rows, allow_mixed)
     key = group_key(allow_mixed)
@@ -333,7 +333,8 @@ def aggregate(rows: pd.DataFrame, allow_mixed: Iterable[str] = (), cases: pd.Dat
         # order, so rows exported per task (sorted by method) aggregate to the very same bits.
         rows = rows.sort_values("finished_at", kind="stable", na_position="first")
     metrics = [m for m in METRICS if m in rows]
-    rows, gap_notes = gap_closed.per_seed(rows, metrics)
+    lower, upper = gap_closed.references()
+    rows, gap_notes = gap_closed.per_seed(rows, metrics, lower, upper)
     values = metrics + [gap_closed.COLUMNS[m] for m in metrics]
     grouped = rows.groupby(key + ["organ"], sort=False, dropna=False)
     table = grouped[values].agg(["mean", "std", "count"])  # pandas std: ddof=1 (sample std over seeds)
@@ -349,7 +350,7 @@ def aggregate(rows: pd.DataFrame, allow_mixed: Iterable[str] = (), cases: pd.Dat
         table["n_cases"] = grouped["n_cases"].agg(lambda s: "/".join(map(str, sorted(set(s.dropna().astype(int))))))
     table = table.reset_index()
     table = _rank(table, key, metrics)
-    table = _uncertainty(table, rows, with_case_means(None) if cases is None else cases, key, metrics)
+    table = _uncertainty(table, rows, with_case_means(None) if cases is None else cases, key, metrics, lower)
     organs = organ_order(rows)
     table["_organ"] = table["organ"].map({o: i for i, o in enumerate(organs)})
     sort = [c for c in key if c != "task"]
@@ -357,16 +358,14 @@ def aggregate(rows: pd.DataFrame, allow_mixed: Iterable[str] = (), cases: pd.Dat
     table = table.reset_index(drop=True)
     table.attrs["key"] = key  # for rendering: which columns tell groups apart
     table.attrs["gap_notes"] = gap_notes
+    table.attrs["references"] = (lower, upper)
     return table
 
 
-REFERENCE = gap_closed.LOWER  # the paired differences' reference method
-
-
 def _uncertainty(table: pd.DataFrame, rows: pd.DataFrame, cases: pd.DataFrame, key: Sequence[str],
-                 metrics: Sequence[str]) -> pd.DataFrame:
-    """Add per metric: ``<m>_ci_low/high`` (t over seeds), ``<m>_diff_*`` (paired difference to
-    :data:`REFERENCE`: mean, ci_low, ci_high, p, n pairs, test) and ``sig_wins_<m>``/``sig_rank_<m>``
+                 metrics: Sequence[str], reference: str) -> pd.DataFrame:
+    """Add per metric: ``<m>_ci_low/high`` (t over seeds), ``<m>_diff_*`` (paired difference to the
+    ``reference`` method, the lower reference: mean, ci_low, ci_high, p, n pairs, test) and ``sig_wins_<m>``/``sig_rank_<m>``
     (significance ranking among SFDA groups of a task and organ)."""
     rows = rows.assign(source=source_model(rows) if "seed" in rows else "")
     if "seed" not in rows:
@@ -389,7 +388,7 @@ def _uncertainty(table: pd.DataFrame, rows: pd.DataFrame, cases: pd.DataFrame, k
         by_case = {g: set(grp["run_id"]) <= has_cases if "run_id" in grp else False for g, grp in groups.items()}
         values = {g: (cases.merge(grp[[*group_cols, "run_id"]].drop_duplicates(), on=[*group_cols, "run_id"])
                       if by_case[g] else grp) for g, grp in groups.items()}
-        ref = sorted((g for g in groups if g[list(key).index("method")] == REFERENCE),
+        ref = sorted((g for g in groups if g[list(key).index("method")] == reference),
                      key=lambda g: str(g[list(key).index("variant")]))
         sfda = [g for g in groups if bool(groups[g]["sfda"].all())] if "sfda" in part else list(groups)
         for metric in metrics:
@@ -412,7 +411,7 @@ def _uncertainty(table: pd.DataFrame, rows: pd.DataFrame, cases: pd.DataFrame, k
                     out[f"sig_wins_{metric}"][index[g]], out[f"sig_rank_{metric}"][index[g]] = w, r
     for col, vals in out.items():
         table[col] = pd.array(vals, dtype="Int64") if col.startswith("sig_") or col.endswith("_diff_n") else vals
-    table.attrs["reference"] = REFERENCE
+    table.attrs["reference"] = reference
     return table
 
 
@@ -457,7 +456,8 @@ def to_markdown(summary: pd.DataFrame) -> str:
     """One table per task: Dice per organ (organs as columns), mean Dice with its interval, the paired
     difference to the reference, ASD/HD95; rows by significance rank (ties: the data cannot separate them)."""
     key = list(summary.attrs.get("key", KEY))
-    reference = summary.attrs.get("reference", REFERENCE)
+    lower, upper = summary.attrs.get("references") or gap_closed.references()
+    reference = summary.attrs.get("reference", lower)
     out = []
     for task, tab in summary.groupby("task", sort=False):
         organs = [o for o in dict.fromkeys(tab["organ"]) if o != "mean"]
@@ -496,8 +496,8 @@ def to_markdown(summary: pd.DataFrame) -> str:
                    f"values are missing). Rank: significance rank among SFDA methods (MSD-challenge manner: the "
                    f"number of methods a method beats in pairwise tests, Holm-corrected, at 0.05); equal ranks are "
                    f"methods the data cannot separate. ASD/HD95 in {unit} (mean ± std over seeds); selection "
-                   f"{selection}. Gap closed: (method - {gap_closed.LOWER}) / ({gap_closed.UPPER} - "
-                   f"{gap_closed.LOWER}) of the mean Dice, per seed on the same source checkpoint, then mean ± std."
+                   f"{selection}. Gap closed: (method - {lower}) / ({upper} - "
+                   f"{lower}) of the mean Dice, per seed on the same source checkpoint, then mean ± std."
                    "\n\n" + markdown_table(header, lines, align)
                    + gap_notes(tab, key, summary.attrs.get("gap_notes", [])))
     return "\n\n".join(out) + "\n"

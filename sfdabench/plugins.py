@@ -120,6 +120,20 @@ class Registry:
             raise UsageError(f"unknown {singular[kind]} '{name}'; available: {', '.join(self.names(kind)) or '(none)'}"
                              ) from None
 
+    def references(self) -> dict[str, str]:
+        """``{"lower": name, "upper": name}``: the methods that declare those ``reference`` roles."""
+        roles: dict[str, str] = {}
+        for name, entry in self.entries["methods"].items():
+            role = getattr(entry.obj, "reference", "")
+            if role not in ("", "lower", "upper"):
+                raise SfdaBenchError(f"method '{name}' declares reference = {role!r}; use 'lower', 'upper' or ''")
+            if role and role in roles:
+                raise SfdaBenchError(f"methods '{roles[role]}' and '{name}' both declare reference = '{role}'; "
+                                     f"one method takes each role")
+            if role:
+                roles[role] = name
+        return roles
+
     # ------------------------------------------------------------------ config groups
     def config_searchpath(self) -> list[tuple[str, str]]:
         """``[(plugin name, "pkg://...")]`` from every plugin, built-ins first."""

@@ -19,7 +19,8 @@ import torch
 from sfdabench import results, source_model
 from sfdabench.determinism import flush_denormals, seed_everything, use_deterministic_kernels
 from sfdabench.api import Case, Context, Method, SfdaBenchError, TargetImages, _plain
-from sfdabench.evaluation import dice_per_organ, evaluate, label_confusion, quality_by_slice_group
+from sfdabench.evaluation import evaluate
+from sfdabench.label_diagnostics import TargetLabelDiagnostics
 from sfdabench.plugins import Registry, get_registry
 
 log = logging.getLogger("sfdabench")
@@ -170,22 +171,12 @@ def _execute(cfg: Mapping[str, Any], registry: Registry, run_dirs: list[Path]) -
                     "adaptation", source.weights, source_flag)
 
     target_train = task.target.splits["train"]
-    labelled = all(c.label is not None for c in target_train)
     context = Context(
         device=device, seed=seed, cache_dir=cache_dir, run_dir=run_dir, organs=task.organs,
         sam_factory=(lambda: sam) if sam is not None else lambda: _build_sam(cfg["sam"], registry, device,
                                                                              cache_dir),
-        label_oracle=lambda: [c.label for c in target_train],
-        # Diagnostics need target-train labels; a target without them (unlabelled data) just has none.
-        pseudo_label_scorer=(lambda vols: dice_per_organ(vols, [c.label for c in target_train], task.organs))
-        if labelled else None,
-        box_ceiling=(lambda sam, margin, classes=None: box_prompt_ceiling(sam, margin, target_train, task.organs,
-                                                                          progress, classes))
-        if labelled else None,
-        pseudo_label_confusion=(lambda vols: label_confusion(vols, [c.label for c in target_train], task.organs))
-        if labelled else None,
-        pseudo_label_group_scorer=(lambda vols, groups: quality_by_slice_group(
-            vols, [c.label for c in target_train], task.organs, groups)) if labelled else None,
+        # measured against target-train labels the method never sees; none for an unlabelled target
+        target_labels=TargetLabelDiagnostics.of(target_train, task.organs, progress),
         allow_labels=method_cls.uses_target_labels, progress=progress_enabled)
     seed_everything(seed)
     t0 = time.perf_counter()
@@ -248,18 +239,6 @@ def prediction_shares(model: torch.nn.Module, cases: list[Case], organs: list[st
 
     labels = predict(model, TargetImages(cases), device=device, batch_size=batch_size)["label"]
     return class_shares(labels, ["background", *organs])
-
-
-def box_prompt_ceiling(sam, margin: int, cases: list[Case], organs: list[str], progress=None,
-                       classes: list[np.ndarray] | None = None) -> tuple[dict[str, float], dict]:
-    """Dice per organ of the ground-truth-box pseudo-labels of ``cases`` (see sfdabench.sam.ceiling);
-    ``classes``: keep those label volumes' class identity and presence (the class-keeping ceiling)."""
-    from sfdabench.sam.ceiling import gt_box_pseudo_labels
-
-    labels = [c.label for c in cases]
-    volumes, stats = gt_box_pseudo_labels(sam, [c.image for c in cases], labels, organs, margin, progress,
-                                          classes=classes)
-    return dice_per_organ(volumes, labels, organs), stats
 
 
 def _build_sam(sam_cfg: Mapping[str, Any], registry: Registry, device: torch.device, cache_dir: Path):

@@ -228,8 +228,18 @@ def _facts(run: Mapping[str, Any]) -> pd.DataFrame:
     return frame
 
 
-#: Pseudo-label stages in the order a method produces them (others follow in their recorded order).
-STAGE_ORDER = ("source_model", "target_model", "sam", "cp", "gt_box", "gt_box_ceiling", "class_keeping_ceiling")
+#: The pseudo-label stages the harness itself records (after the method's own, see ``Method.stage_labels``).
+HARNESS_STAGES = {"gt_box_ceiling": "PL ceiling (GT boxes)", "class_keeping_ceiling": "PL ceiling (class-keeping)"}
+
+
+def stage_labels(method: str) -> dict[str, str]:
+    """The run's method's pseudo-label stages in the order it produces them, then the harness's; {} for a method
+    that is not installed (its stages then follow in their recorded order, unlabelled)."""
+    from sfdabench.plugins import get_registry
+
+    registry = get_registry()
+    own = dict(registry.get("methods", method).stage_labels) if method in registry.names("methods") else {}
+    return {**own, **HARNESS_STAGES}
 
 
 def _organ_order(keys: Sequence[str], organs: Sequence[str]) -> list[str]:
@@ -246,16 +256,19 @@ def _metrics_table(summary: Mapping[str, Any], organs: Sequence[str]) -> pd.Data
     return table
 
 
-def _pseudo_label_table(diagnostics: Mapping[str, Any], organs: Sequence[str]) -> pd.DataFrame | None:
+def _pseudo_label_table(diagnostics: Mapping[str, Any], organs: Sequence[str],
+                        labels: Mapping[str, str] = HARNESS_STAGES) -> pd.DataFrame | None:
+    """stage x organ pseudo-label Dice; a stage the method labels is shown as ``label (stage)``."""
     stages = diagnostics.get("pseudo_label_dice") or {}
     if not stages:
         return None
-    order = [s for s in STAGE_ORDER if s in stages] + [s for s in stages if s not in STAGE_ORDER]
-    table = pd.DataFrame({stage: {k: (np.nan if v is None else v) for k, v in stages[stage].items()}
+    order = [s for s in labels if s in stages] + [s for s in stages if s not in labels]
+    table = pd.DataFrame({(f"{labels[stage]} ({stage})" if stage in labels else stage):
+                          {k: (np.nan if v is None else v) for k, v in stages[stage].items()}
                           for stage in order}).T.astype(float)
     table = table[_organ_order(list(table.columns), organs)]
     if diagnostics.get("box_search_efficiency"):
-        stage = (diagnostics.get("box_ceiling") or {}).get("stage", "sam")
+        stage = (diagnostics.get("gt_box_ceiling") or {}).get("stage", "sam")
         table.loc[f"box-search efficiency ({stage} / gt_box_ceiling)"] = pd.Series(
             {k: (np.nan if v is None else v) for k, v in diagnostics["box_search_efficiency"].items()})
     if diagnostics.get("box_search_efficiency_class_keeping"):
@@ -328,7 +341,7 @@ def render(run: Mapping[str, Any], out: Path, max_cases: int) -> Path:
                     f"<figcaption>case {html.escape(item['case'])}, mean Dice {item['dice']:.3f}</figcaption></figure>")
     sections.append("".join(part))
     diagnostics = s.get("diagnostics") or {}
-    pl = _pseudo_label_table(diagnostics, organs)
+    pl = _pseudo_label_table(diagnostics, organs, stage_labels(str(s.get("method", ""))))
     if pl is not None:
         sections.append("<h2>Pseudo-label quality per phase</h2><p class='note'>Dice of the target-train "
                         "pseudo-labels against target-train ground truth: measured, never used by the method. "
@@ -348,7 +361,7 @@ def render(run: Mapping[str, Any], out: Path, max_cases: int) -> Path:
     grouped = _grouped_quality_table(diagnostics, organs)
     if grouped is not None:
         sections.append("<h2>Pseudo-label quality per slice group</h2><p class='note'>Per organ and group of "
-                        "slices the method names (DFG: the box-search outcome that labelled the organ there), "
+                        "slices the method names (e.g. the box-search outcome that labelled the organ there), "
                         "recall and precision of each stage pooled over the group's slices, against target-train "
                         "ground truth: a stage that loses recall on one outcome (e.g. SAM keeping a small mask "
                         "as stable) shows here.</p>" + _table(grouped, digits=3))
@@ -362,7 +375,7 @@ def render(run: Mapping[str, Any], out: Path, max_cases: int) -> Path:
     if figures:
         (out / "figures").mkdir(exist_ok=True)
         part = ["<h2>Box search</h2><p class='note'>Successive numbered boxes, the final mask and the changed "
-                "pixels per step (DFG Fig. 1d/1e).</p>"]
+                "pixels per step, as the method drew them.</p>"]
         for fig in figures:
             shutil.copy2(fig, out / "figures" / fig.name)
             part.append(f"<figure><img src='figures/{html.escape(fig.name)}' alt='{html.escape(fig.stem)}'>"

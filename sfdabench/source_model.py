@@ -198,8 +198,8 @@ def cmd_source(args: Sequence[str]) -> int:
 
 def _missing(path: Path, cfg) -> SfdaBenchError:
     return SfdaBenchError(f"no cached source model for task {cfg['task']['name']} seed {cfg['seed']} ({path}); "
-                          f"train it with `sfdabench run method=source_only task={cfg['task']['name']} "
-                          f"seed={cfg['seed']}` or import one with `sfdabench source import FILE`")
+                          f"train it with `sfdabench run task={cfg['task']['name']} seed={cfg['seed']}` (every run "
+                          f"trains the source model it lacks) or import one with `sfdabench source import FILE`")
 
 
 def _show(overrides: Sequence[str]) -> int:

@@ -16,11 +16,14 @@ from sfdabench.sam.ceiling import gt_box_pseudo_labels, gt_box_slice
 from sfdabench_methods.dfg.method import DFG
 from test_dfg import ORGANS, ThresholdSam, dfg_cfg, make_context, source_model, synthetic_cases  # noqa: F401
 
+DFG_MERGE = (0.5, 2.0)      # (background, SAM mask) scores of DFG's class merge
+
 
 def test_gt_boxes_give_near_perfect_pseudo_labels_with_a_box_faithful_sam():
     cases = synthetic_cases(2, 3)
     sam = ThresholdSam()
-    volumes, stats = gt_box_pseudo_labels(sam, [c.image for c in cases], [c.label for c in cases], ORGANS, 2)
+    volumes, stats = gt_box_pseudo_labels(sam, [c.image for c in cases], [c.label for c in cases], ORGANS, 2,
+                                          DFG_MERGE)
     dice = dice_per_organ(volumes, [c.label for c in cases], ORGANS)
     assert min(dice[o] for o in ORGANS) > 0.95, dice
     slices = sum(c.num_slices for c in cases)
@@ -41,11 +44,11 @@ def test_slice_without_organs_is_not_embedded_and_merge_prefers_lower_class():
 
     sam = CountingSam()
     image = np.zeros((8, 8), np.float32)
-    empty, outcomes = gt_box_slice(sam, image, np.zeros((8, 8), np.uint8), 5, 1)
+    empty, outcomes = gt_box_slice(sam, image, np.zeros((8, 8), np.uint8), 5, 1, DFG_MERGE)
     assert sam.embeds == 0 and outcomes == {} and not empty.any()
     label = np.zeros((8, 8), np.uint8)
     label[1:3, 1:3], label[5:7, 5:7] = 2, 4
-    merged, outcomes = gt_box_slice(sam, image, label, 5, 1)
+    merged, outcomes = gt_box_slice(sam, image, label, 5, 1, DFG_MERGE)
     assert outcomes == {2: "sam", 4: "sam"} and (merged == 2).all()   # overlap: the lower class wins (spec 4.4)
 
 
@@ -58,7 +61,7 @@ def test_dfg_records_ceiling_and_efficiency(tmp_path, source_model):  # noqa: F8
     assert set(efficiency) == set(ORGANS) | {"mean"}
     for key, value in efficiency.items():
         assert math.isclose(value, pl["sam"][key] / pl["gt_box_ceiling"][key]), key
-    assert ctx.diagnostics["box_ceiling"]["stage"] == "sam"
+    assert ctx.diagnostics["gt_box_ceiling"]["stage"] == "sam"
     # The class-keeping ceiling keeps the FA model's classes: it bounds the search alone, so it is never
     # above the ceiling that gets every class right, and the search's efficiency against it is the larger.
     keeping = pl["class_keeping_ceiling"]
@@ -70,7 +73,7 @@ def test_dfg_records_ceiling_and_efficiency(tmp_path, source_model):  # noqa: F8
     for stage in ("target_model", "sam"):
         for row in ctx.diagnostics["pseudo_label_confusion"][stage].values():
             assert math.isclose(sum(row.values()), 1.0) or all(v != v for v in row.values())
-    assert ctx.diagnostics["box_ceiling"]["box_margin"] >= 1
+    assert ctx.diagnostics["gt_box_ceiling"]["box_margin"] >= 1
 
     ctx_off, _ = make_context(tmp_path / "off", [c.label for c in target], images=[c.image for c in target])
     DFG(dfg_cfg(**{"fa.enabled": False, "box_ceiling": False})).adapt(
@@ -107,10 +110,10 @@ def test_class_keeping_ceiling_keeps_a_twin_swap_and_skips_background_regions():
     predicted = np.zeros_like(label)
     predicted[3:5, 3:5] = 3                  # predicted as left kidney (class 3), inside the right kidney
     predicted[10:12, 10:12] = 1              # spleen predicted on background: no box can fix it
-    kept, outcomes = gt_box_slice(sam, image, label, 5, 1, predicted=predicted)
+    kept, outcomes = gt_box_slice(sam, image, label, 5, 1, DFG_MERGE, predicted=predicted)
     assert outcomes == {3: "sam"}
     assert (kept[label == 2] == 3).mean() > 0.9 and not (kept == 2).any()
-    truth, _ = gt_box_slice(sam, image, label, 5, 1)
+    truth, _ = gt_box_slice(sam, image, label, 5, 1, DFG_MERGE)
     assert (truth[label == 2] == 2).mean() > 0.9
 
 

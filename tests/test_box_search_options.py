@@ -274,10 +274,10 @@ NEW_VARIANTS = ["fa+dbs+cp+ltol", "fa+dbs+cp+reach", "fa+dbs+cp+ltol+reach", "fa
 @pytest.mark.parametrize("name", ["fa+dbs+cp", "fa-only", "fa+dbs+nos3+cp", *NEW_VARIANTS])
 def test_variant_names_round_trip(name):
     base = OmegaConf.load(REPO / "configs" / "method" / "dfg.yaml")
-    cfg = OmegaConf.merge(base, ablate.switches(name))
+    cfg = OmegaConf.merge(base, DFG.ablation.settings(name))
     assert DFG(cfg).variant() == name
     assert cfg.fa.get("prior", "uniform") == ("source_prediction" if "-srcprior" in name else "uniform")
-    columns = ablate.switch_columns(name)
+    columns = DFG.ablation.columns(name)
     if name.endswith("-only"):
         assert (columns["tolerances"], columns["steps"], columns["coverage"], columns["guard"]) == ("-",) * 4
     else:
@@ -304,19 +304,19 @@ def test_default_settings_add_no_token_and_bad_names_are_refused():
                 "fa+dbs+cp+cover-pred101", "fa+dbs+cp+guard-side+cover-pred50", "fa+dbs+cp+cover-all50",
                 "fa+dbs+cp+grow0", "fa+dbs+cp+grow1.0", "fa+naive+cp+grow1", "fa+dbs+cp+cover-pred50+grow1"):
         with pytest.raises(UsageError, match="unknown DFG variant"):
-            ablate.switches(bad)
+            DFG.ablation.settings(bad)
 
 
 def test_ablate_takes_the_search_option_grid():
     grid = ["fa+dbs+cp", "fa+dbs+cp+ltol", "fa+dbs+cp+reach", "fa+dbs+cp+ltol+reach", "fa+dbs+cp+grow1",
             "fa+dbs+cp+cover-pred50", "fa+dbs+cp+cover-region80", "fa+dbs+cp+guard-side", "fa+dbs+cp+guard-seed"]
-    _, variants, _, _ = ablate.parse_args(["task=phantom_mri2ct", f"variants=[{','.join(grid)}]"])
+    variants = ablate.parse_args(["method=dfg", "task=phantom_mri2ct", f"variants=[{','.join(grid)}]"]).variants
     assert variants == grid
-    assert ablate.parse_args(["task=phantom_mri2ct", "variants=search_options"])[1] == grid
+    assert ablate.parse_args(["method=dfg", "task=phantom_mri2ct", "variants=search_options"]).variants == grid
     for key in ("method.search.tolerance_scaling=length", "method.search.steps_scaling=reach",
                 "method.search.twin_guard=side", "method.search.min_coverage=0.5", "method.search.mbs_max_growth=1"):
         with pytest.raises(UsageError, match="set by the ablation grid"):
-            ablate.parse_args(["task=phantom_mri2ct", key])
+            ablate.parse_args(["method=dfg", "task=phantom_mri2ct", key])
 
 
 # ------------------------------------------------------------------------------ coverage before stability

@@ -116,7 +116,7 @@ def test_bad_input_in_a_real_process(tmp_path):
 @pytest.mark.parametrize("argv, code, expected", [
     (["prepare", "seed=abc"], 2, "seed must be a non-negative integer"),
     (["prepare", "-m", "task=phantom_mri2ct"], 2, "prepare takes no -m"),
-    (["ablate", "task=phantom_mri2ct", "seeds=[0]", "variants=[fa-only]", "eval.batch_size=0"], 2,
+    (["ablate", "method=dfg", "task=phantom_mri2ct", "seeds=[0]", "variants=[fa-only]", "eval.batch_size=0"], 2,
      "eval.batch_size must be a positive integer"),
     (["ablate", "--frobnicate"], 2, "unknown option '--frobnicate' for ablate"),
 ])

@@ -80,38 +80,16 @@ def dfg_cfg(**changes):
 
 
 def make_context(tmp_path, labels, sam=None, images=None):
-    """A Context as the harness builds it; with ``images`` also the ground-truth-box ceiling diagnostic."""
-    scorer_calls = []
+    """A Context as the harness builds it: target-label diagnostics of these labels; with ``images`` (the
+    slices the labels belong to) also the box-prompt ceilings."""
+    from sfdabench.label_diagnostics import TargetLabelDiagnostics
 
-    def scorer(volumes):
-        from sfdabench.evaluation import dice_per_organ
-
-        scorer_calls.append(volumes)
-        return dice_per_organ(volumes, labels, ORGANS)
-
-    def ceiling(sam, margin, classes=None):
-        from sfdabench.protocol import box_prompt_ceiling
-
-        return box_prompt_ceiling(sam, margin, [Case(str(i), im, lab, (1.0, 1.0, 1.0))
-                                                for i, (im, lab) in enumerate(zip(images, labels))], ORGANS,
-                                  classes=classes)
-
-    def confusion(volumes):
-        from sfdabench.evaluation import label_confusion
-
-        return label_confusion(volumes, labels, ORGANS)
-
-    def by_group(volumes, groups):
-        from sfdabench.evaluation import quality_by_slice_group
-
-        return quality_by_slice_group(volumes, labels, ORGANS, groups)
-
+    slices = images if images is not None else [np.zeros(lab.shape, np.float32) for lab in labels]
+    cases = [Case(str(i), im, lab, (1.0, 1.0, 1.0)) for i, (im, lab) in enumerate(zip(slices, labels))]
+    diagnostics = TargetLabelDiagnostics(cases, ORGANS, box_prompts=images is not None)
     sam = sam or ThresholdSam()
     ctx = Context(device=torch.device("cpu"), seed=0, cache_dir=tmp_path / "cache", run_dir=tmp_path / "run",
-                  organs=ORGANS, sam_factory=lambda: sam, label_oracle=lambda: labels,
-                  pseudo_label_scorer=scorer, box_ceiling=ceiling if images is not None else None,
-                  pseudo_label_confusion=confusion, pseudo_label_group_scorer=by_group,
-                  progress=False)
+                  organs=ORGANS, sam_factory=lambda: sam, target_labels=diagnostics, progress=False)
     return ctx, sam
 
 

@@ -299,22 +299,22 @@ def test_ablation_grid_names_are_dfg_variant_names():
 
     from sfdabench_methods.dfg.method import DFG
 
-    grid = ablate.default_grid()
+    grid = DFG.ablation.grids["default"]
     assert len(grid) == 17 and grid[0] == "fa-only" and len(set(grid)) == 17
     assert {"fa+dbs+cp", "nofa+naive+nocp", "fa+tbs+cp", "nofa+mbs+cp"} <= set(grid)
     base = OmegaConf.load(REPO / "configs" / "method" / "dfg.yaml")
     for name in grid + ["fa+dbs+nos3+cp", "nofa-only"]:
-        cfg = OmegaConf.merge(base, {"search": {"stage3": True}}, ablate.switches(name))
+        cfg = OmegaConf.merge(base, {"search": {"stage3": True}}, DFG.ablation.settings(name))
         assert DFG(cfg).variant() == name
     with pytest.raises(UsageError, match=re.escape("unknown DFG variant 'fa+naive+nos3+cp'")):
-        ablate.switches("fa+naive+nos3+cp")   # stage 3 exists for mbs/dbs only
-    seeds, variants, table_only, overrides = ablate.parse_args(
-        ["task=phantom_ct2mri", "seeds=[3,4]", "variants=[fa+dbs+cp,fa-only]", "preset=test"])
-    assert (seeds, variants, table_only, overrides) == ([3, 4], ["fa+dbs+cp", "fa-only"], False,
-                                                        ["task=phantom_ct2mri", "preset=test"])
+        DFG.ablation.settings("fa+naive+nos3+cp")   # stage 3 exists for mbs/dbs only
+    request = ablate.parse_args(
+        ["method=dfg", "task=phantom_ct2mri", "seeds=[3,4]", "variants=[fa+dbs+cp,fa-only]", "preset=test"])
+    assert (request.seeds, request.variants, request.table_only, request.overrides) == (
+        [3, 4], ["fa+dbs+cp", "fa-only"], False, ["task=phantom_ct2mri", "preset=test"])
     for bad in (["method.cp=false"], ["seed=1"], ["method=tent"], ["task=phantom_mri2ct,phantom_ct2mri"]):
         with pytest.raises(UsageError):
-            ablate.parse_args(bad)
+            ablate.parse_args(bad if bad[0].startswith("method=") else ["method=dfg", *bad])
 
 
 def test_ablation_table_from_runs_and_pseudo_label_dice(tmp_path):
@@ -331,9 +331,9 @@ def test_ablation_table_from_runs_and_pseudo_label_dice(tmp_path):
                                efficiency=efficiency, dice={"spleen": [level + 0.1 * seed], "liver": [level]})
             expected.append({"variant": variant, "seed": seed, "run_id": run_id})
     expected.append({"variant": "nofa+naive+cp", "seed": 0, "run_id": "never-ran"})
-    text, missing = ablate.write_table(pd.DataFrame(expected), res, "phantom_mri2ct", [0, 1])
+    text, missing = ablate.write_table(pd.DataFrame(expected), res, "phantom_mri2ct", [0, 1], "dfg")
     assert missing == ["nofa+naive+cp seed 0"] and "Missing runs (1): nofa+naive+cp seed 0" in text
-    table = pd.read_csv(res / "ablations" / "phantom_mri2ct" / "ablation.csv")
+    table = pd.read_csv(res / "ablations" / "dfg" / "phantom_mri2ct" / "ablation.csv")
     dbs = table[(table.variant == "fa+dbs+cp") & (table.organ == "spleen")].iloc[0]
     assert dbs.dice_mean == pytest.approx(0.85) and dbs.dice_std == pytest.approx(0.1 / math.sqrt(2))
     assert dbs.pl_sam_mean == pytest.approx(0.7) and dbs.pl_target_model_n == 2
@@ -344,7 +344,7 @@ def test_ablation_table_from_runs_and_pseudo_label_dice(tmp_path):
            "0.750 ± 0.000 | 0.760 ± 0.000 | 0.900 ± 0.000 | 0.833 ± 0.000 |" in text
     assert ("| fa-only | yes | (stop after FA) | - | 2 | 0.650 ± 0.071 | 0.600 ± 0.000 | 0.625 ± 0.035 | - | - | - "
             "| - | - |" in text)
-    assert (res / "ablations" / "phantom_mri2ct" / "ablation.md").read_text() == text
+    assert (res / "ablations" / "dfg" / "phantom_mri2ct" / "ablation.md").read_text() == text
 
 
 def test_ablation_table_shows_search_options_only_when_a_row_sets_one(tmp_path):
@@ -352,7 +352,7 @@ def test_ablation_table_shows_search_options_only_when_a_row_sets_one(tmp_path):
     expected = [{"variant": v, "seed": 0, "run_id": write_run(res, method="dfg", variant=v, seed=0,
                                                                dice={"spleen": [0.5 + i / 10]})}
                 for i, v in enumerate(("fa+dbs+cp", "fa+dbs+cp+ltol", "fa+dbs+cp+guard-side"))]
-    text, missing = ablate.write_table(pd.DataFrame(expected), res, "phantom_mri2ct", [0])
+    text, missing = ablate.write_table(pd.DataFrame(expected), res, "phantom_mri2ct", [0], "dfg")
     assert not missing
     assert "| variant | FA | search | CP | tolerances | twin guard | seeds |" in text    # steps all default
     assert "| fa+dbs+cp+ltol | yes | dbs | yes | length | none | 1 |" in text
@@ -368,14 +368,14 @@ def shared_cache(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_ablate_runs_the_grid_as_protocol_runs(tmp_path, shared_cache):
     results = tmp_path / "res"
-    args = ["ablate", "task=phantom_mri2ct", "seeds=[0]", "variants=[fa-only,nofa-only]", "method.fa.iterations=1",
+    args = ["ablate", "method=dfg", "task=phantom_mri2ct", "seeds=[0]", "variants=[fa-only,nofa-only]", "method.fa.iterations=1",
             f"results_dir={results}", f"cache_dir={shared_cache}", *TINY_PHANTOM]
     out = run_cli(*args, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     board = read_rows(results / "leaderboard.csv")
     assert sorted(board.variant.unique()) == ["fa-only", "nofa-only"] and set(board.method) == {"dfg"}
     assert len(list((results / "runs").glob("*/done"))) == 2
-    table = pd.read_csv(results / "ablations" / "phantom_mri2ct" / "ablation.csv")
+    table = pd.read_csv(results / "ablations" / "dfg" / "phantom_mri2ct" / "ablation.csv")
     assert list(dict.fromkeys(table.variant)) == ["fa-only", "nofa-only"] and (table.n_seeds == 1).all()
     assert "| fa-only | yes | (stop after FA) | - | 1 |" in out.stdout
     # Relaunching finds every run done: nothing runs again, the same table comes out.

@@ -25,18 +25,48 @@ def example_plugin(tmp_path_factory) -> Path:
     return target
 
 
-def test_third_party_method_is_listed_and_runs(example_plugin, tmp_path):
+@pytest.fixture(scope="module")
+def plugin_cache(tmp_path_factory) -> Path:
+    """One source-model cache for the example plugin's runs (same task, seed and source settings)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_third_party_method_is_listed_and_runs(example_plugin, plugin_cache, tmp_path):
     env = {"PYTHONPATH": str(example_plugin)}
     out = run_cli("list", "methods", cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr
     line = next(ln for ln in out.stdout.splitlines() if "example_bnstats" in ln)
     assert "sfdabench-example-plugin 0.0.1" in line and "BatchNorm" in line
+    assert "[ablation grids: default (2 variants)]" in line
 
     results = tmp_path / "res"
-    out = run_cli("run", "method=example_bnstats", f"results_dir={results}", *TINY_PHANTOM, cwd=tmp_path, env=env)
+    out = run_cli("run", "method=example_bnstats", f"results_dir={results}", f"cache_dir={plugin_cache}",
+                  *TINY_PHANTOM, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     board = pd.read_csv(results / "leaderboard.csv")
     assert set(board["method"]) == {"example_bnstats"}
+
+
+def test_a_third_party_method_declares_an_ablation_grid_and_ablate_runs_it(example_plugin, plugin_cache, tmp_path):
+    """The harness knows no method: any method with an ``ablation`` gets ``sfdabench ablate method=<m>``."""
+    env = {"PYTHONPATH": str(example_plugin)}
+    results = tmp_path / "res"
+    args = ["ablate", "method=example_bnstats", "task=phantom_mri2ct", "seeds=[0]", f"results_dir={results}",
+            f"cache_dir={plugin_cache}", *TINY_PHANTOM]
+    out = run_cli(*args, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    board = pd.read_csv(results / "leaderboard.csv")
+    assert set(board["method"]) == {"example_bnstats"} and sorted(board["variant"].unique()) == ["keep", "reset"]
+    table = pd.read_csv(results / "ablations" / "example_bnstats" / "phantom_mri2ct" / "ablation.csv")
+    assert list(dict.fromkeys(table["variant"])) == ["reset", "keep"] and list(table["reset"].unique()) == [True, False]
+    assert "### example_bnstats ablation on phantom_mri2ct" in out.stdout
+    assert "| variant | running statistics | seeds |" in out.stdout and "| keep | kept | 1 |" in out.stdout
+    # the grid's setting cannot be overridden (it would mislabel the rows), and a method without a grid is named
+    refused = run_cli(*args, "method.reset=false", cwd=tmp_path, env=env)
+    assert refused.returncode == 2 and "method.reset is set by the ablation grid" in refused.stderr
+    none = run_cli("ablate", "method=source_only", "task=phantom_mri2ct", cwd=tmp_path, env=env)
+    assert none.returncode == 2
+    assert "method 'source_only' declares no ablation grid" in none.stderr and "example_bnstats" in none.stderr
 
 
 def _broken_site(tmp_path: Path) -> Path:

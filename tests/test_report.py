@@ -42,7 +42,7 @@ def test_dfg_summary_has_ceiling_and_efficiency(dfg_run):
     diagnostics = json.loads((dfg_run / "summary.json").read_text())["diagnostics"]
     assert {"target_model", "sam", "cp", "gt_box_ceiling"} <= set(diagnostics["pseudo_label_dice"])
     assert set(diagnostics["box_search_efficiency"]) >= {"liver", "mean"}
-    assert diagnostics["box_ceiling"]["decoder_calls"] > 0
+    assert diagnostics["gt_box_ceiling"]["decoder_calls"] > 0
     assert (dfg_run / "predictions.npz").is_file()
 
 

@@ -16,12 +16,8 @@ is only *measured* (pseudo-label Dice before SAM, after SAM, after CP, and the g
 the SAM backend with the search's box margin, ``box_ceiling: true``) and never reaches a decision.
 
 Ablation switches (config): ``fa.enabled``, ``search.search`` (naive | tbs | mbs | dbs), ``search.stage3``,
-``cp``, and ``stop_after_fa`` (the "FA only" row). The variant name lists them, e.g. ``fa+dbs+cp``. Box-search
-options away from their defaults append a token, in this order: ``+ltol`` (``search.tolerance_scaling:
-length``), ``+reach`` (``search.steps_scaling: reach``; both for tbs/mbs/dbs only, naive uses neither) and
-``+grow1`` (``search.mbs_max_growth: 1``), ``+cover-pred50`` / ``+cover-region80`` (``search.min_coverage`` of
-``search.coverage_of``) and ``+guard-side`` /
-``+guard-seed`` (``search.twin_guard``), e.g. ``fa+dbs+cp+ltol+guard-side``.
+``cp``, and ``stop_after_fa`` (the "FA only" row), plus sfdabench's box-search options. The variant name lists
+them, e.g. ``fa+dbs+cp`` or ``fa+dbs+cp+ltol+guard-side`` (grammar and grids: ``variants``).
 """
 from __future__ import annotations
 
@@ -33,68 +29,23 @@ from sfdabench.training import predict_target, train_supervised
 from .feature_aggregation import feature_aggregation
 from .postprocess import connectivity_postprocess
 from .pseudo_labels import refine_pseudo_labels
-
-
-#: (search setting, default, value -> variant-name token) in name order; "" for the default value.
-_SEARCH_OPTION_TOKENS = (
-    ("tolerance_scaling", "area", {"area": "", "length": "ltol"}),
-    ("steps_scaling", "fixed", {"fixed": "", "reach": "reach"}),
-    ("twin_guard", "none", {"none": "", "side": "guard-side", "seed": "guard-seed"}),
-)
-
-
-def _growth_token(search) -> list[str]:
-    """["grow1"] for mbs_max_growth 1, [] when off (the paper)."""
-    growth = float(search.get("mbs_max_growth", 0.0))
-    return [f"grow{growth:g}"] if growth else []
-
-
-def _coverage_token(search) -> list[str]:
-    """["cover-pred50"] for min_coverage 0.5 of the prediction, [] when off (the paper)."""
-    fraction = float(search.get("min_coverage", 0.0))
-    if not fraction:
-        return []
-    percent = round(fraction * 100)
-    if abs(percent - fraction * 100) > 1e-9 or not 1 <= percent <= 100:
-        raise ValueError(f"search.min_coverage={fraction} cannot be named in the variant; use a whole "
-                         f"percentage between 0.01 and 1")
-    of = str(search.get("coverage_of", "region"))
-    if of not in ("region", "prediction"):
-        raise ValueError(f"search.coverage_of={of!r} unknown; use one of region, prediction")
-    return [f"cover-{'pred' if of == 'prediction' else 'region'}{percent}"]
+from .variants import DfgAblation, variant_name
 
 
 class DFG(Method):
     """DFG (Huai et al., IEEE TMI 2025): feature aggregation, dual-feature-guided SAM box search, CP, retraining."""
 
     name = "dfg"
+    stage_labels = {"source_model": "PL of the source model", "target_model": "PL before SAM",
+                    "sam": "PL after SAM", "cp": "PL after CP"}
+    ablation = DfgAblation()
 
     @property
     def uses_sam(self) -> bool:  # the "FA only" ablation never prompts SAM
         return not self.cfg["stop_after_fa"]
 
     def variant(self) -> str:
-        fa = "fa" if self.cfg["fa"]["enabled"] else "nofa"
-        if fa == "fa" and self.cfg["fa"].get("prior", "uniform") == "source_prediction":
-            fa = "fa-srcprior"          # the paper's uniform prior adds nothing to the name
-        if self.cfg["stop_after_fa"]:
-            return f"{fa}-only"
-        search = self.cfg["search"]
-        parts = [fa, search["search"]]
-        if search["search"] in ("mbs", "dbs") and not search["stage3"]:
-            parts.append("nos3")
-        parts.append("cp" if self.cfg["cp"] else "nocp")
-        # the defaults add nothing, so the names of the paper's variants never change
-        tokens = _SEARCH_OPTION_TOKENS if search["search"] != "naive" else _SEARCH_OPTION_TOKENS[-1:]
-        for key, default, names in tokens:
-            if key == "twin_guard" and search["search"] != "naive":
-                parts.extend(_growth_token(search) + _coverage_token(search))   # these precede the guard's
-            value = str(search.get(key, default))
-            if value not in names:
-                raise ValueError(f"search.{key}={value!r} unknown; use one of {', '.join(names)}")
-            if names[value]:
-                parts.append(names[value])
-        return "+".join(parts)
+        return variant_name(self.cfg)
 
     def adapt(self, source_model: nn.Module, target_train: TargetImages, context: Context) -> nn.Module:
         model = source_model
@@ -121,8 +72,9 @@ class DFG(Method):
         context.pseudo_label_quality_by_group("target_model", labels.target_model, labels.outcome_of_slice)
         context.pseudo_label_quality_by_group("sam", labels.refined, labels.outcome_of_slice)
         if self.cfg["box_ceiling"]:  # diagnostic: the harness measures, with labels this method never sees
-            context.compare_with_box_ceiling("sam", margin=labels.stats["scaled_settings"]["box_margin"],
-                                             classes_from="target_model")
+            merge = labels.stats["merge_scores"]   # the search's own merge, minus the fallback (it needs a prediction)
+            context.box_prompt_ceiling("sam", margin=labels.stats["scaled_settings"]["box_margin"],
+                                       scores=(merge["background"], merge["sam"]), classes_from="target_model")
         pseudo = labels.refined
         if self.cfg["cp"]:
             with context.phase("cp"):

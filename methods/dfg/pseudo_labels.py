@@ -88,6 +88,7 @@ def refine_pseudo_labels(model: nn.Module, target_train: TargetImages, search_cf
                                   "slices": len(v)} for organ, v in thresholds.items() if v},
         "tolerance_scaling": cfg.tolerance_scaling, "steps_scaling": cfg.steps_scaling,
         "twin_guard": cfg.twin_guard,
+        "merge_scores": {"background": cfg.score_background, "sam": cfg.score_sam, "fallback": cfg.score_fallback},
         "scaled_settings": {**{n: getattr(cfg, n) for n in cfg._PIXEL_COUNTS + cfg._LENGTHS},
                             "max_steps": dict(zip(context.organs, cfg.max_steps))},
         "outcomes": {organ: dict(c) for organ, c in outcomes.items()},

@@ -1,21 +1,46 @@
-"""Example third-party plugin: BatchNorm statistics re-estimated on the target images."""
+"""Example third-party plugin: BatchNorm statistics re-estimated on the target images, with an ablation grid."""
 import torch
 from torch import nn
 
 from sfdabench import hookimpl
-from sfdabench.api import Context, Method, TargetImages
+from sfdabench.api import Ablation, Context, Method, TargetImages, UsageError
+
+
+class ResetAblation(Ablation):
+    """Reset the running statistics before re-estimating them, or keep the source's as a prior."""
+
+    grids = {"default": ["reset", "keep"]}
+    reference = "reset"
+
+    def settings(self, variant):
+        if variant not in ("reset", "keep"):
+            raise UsageError(f"unknown example_bnstats variant '{variant}'; use reset or keep")
+        return {"reset": variant == "reset"}
+
+    def columns(self, variant):
+        return {"reset": variant == "reset"}
+
+    def cells(self, variant):
+        return {"running statistics": "reset" if variant == "reset" else "kept"}
 
 
 class ExampleBNStats(Method):
     """Example plugin method: re-estimate BatchNorm running statistics on target images."""
 
     name = "example_bnstats"
+    ablation = ResetAblation()
+
+    def variant(self) -> str:
+        return "reset" if self.cfg["reset"] else "keep"
 
     def adapt(self, source_model: nn.Module, target_train: TargetImages, context: Context) -> nn.Module:
         for m in source_model.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.reset_running_stats()
-                m.momentum = None  # cumulative average over all target batches
+                if self.cfg["reset"]:
+                    m.reset_running_stats()
+                    m.momentum = None  # cumulative average over all target batches
+                else:
+                    m.momentum = 0.5   # the source statistics stay in as a prior
         source_model.train()
         loader = torch.utils.data.DataLoader(target_train, batch_size=int(self.cfg["batch_size"]))
         with torch.no_grad():

@@ -1,0 +1,67 @@
+"""The house rules that keep sfdabench a harness: it knows no method by name."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from conftest import REPO
+from sfdabench.plugins import get_registry
+
+HARNESS = REPO / "sfdabench"
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    """ids of the docstring nodes (prose may cite a method; code may not)."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                    and isinstance(first.value.value, str):
+                out.add(id(first.value))
+    return out
+
+
+def names_in_code(path: Path) -> list[tuple[int, str]]:
+    """(line, word) of every identifier and every word of a string constant (docstrings excepted)."""
+    tree = ast.parse(path.read_text(), str(path))
+    docs = _docstrings(tree)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            words = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", node.value)
+        elif isinstance(node, ast.Name):
+            words = [node.id]
+        elif isinstance(node, ast.Attribute):
+            words = [node.attr]
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            words = [node.name]
+        elif isinstance(node, ast.arg):
+            words = [node.arg]
+        elif isinstance(node, ast.keyword) and node.arg:
+            words = [node.arg]
+        elif isinstance(node, ast.alias):
+            words = node.name.split(".") + ([node.asname] if node.asname else [])
+        else:
+            continue
+        found += [(getattr(node, "lineno", 0), w) for w in words]
+    return found
+
+
+def test_no_module_of_the_harness_names_a_registered_method():
+    methods = set(get_registry().names("methods"))
+    assert {"source_only", "dfg", "oracle"} <= methods          # the built-ins are registered and checked
+    hits = [f"{path.relative_to(REPO)}:{line}: {word}" for path in sorted(HARNESS.rglob("*.py"))
+            for line, word in names_in_code(path) if word in methods]
+    assert not hits, "the harness names methods (declare it on the method instead):\n" + "\n".join(hits)
+
+
+def test_the_scan_finds_a_method_name_in_code(tmp_path):
+    """The check above can fail: a string constant, a name and an import are all seen; a docstring is not."""
+    path = tmp_path / "probe.py"
+    path.write_text('"""Cites dfg in prose."""\nLOWER = "source_only"\nfrom x import oracle\ndfg = 1\n')
+    words = {w for _, w in names_in_code(path)}
+    assert {"source_only", "oracle", "dfg"} <= words
+    path.write_text('"""Cites dfg in prose."""\n')
+    assert "dfg" not in {w for _, w in names_in_code(path)}
