@@ -36,14 +36,14 @@ import pandas as pd
 
 from sfdabench import leaderboard as lb
 from sfdabench.api import Ablation, SfdaBenchError, UsageError
+from sfdabench.label_diagnostics import CEILING_STAGES
 
 log = logging.getLogger("sfdabench")
 
 GROUP = "sfdabench_ablation"
-#: Labels of the pseudo-label stages the harness itself records (the box-prompt ceilings and efficiencies);
-#: a method's own stages are labelled by its ``stage_labels``.
-HARNESS_STAGE_LABELS = {"gt_box_ceiling": "PL ceiling (GT boxes)", "class_keeping_ceiling": "PL ceiling (class-keeping)",
-                        "efficiency": "box-search efficiency", "efficiency_class_keeping": "efficiency (class-keeping)"}
+#: Labels of the ceilings' stages and of the efficiencies (ratios against them) in the table's columns.
+HARNESS_STAGE_LABELS = {**CEILING_STAGES, "efficiency": "box-search efficiency",
+                        "efficiency_class_keeping": "efficiency (class-keeping)"}
 #: Not a pseudo-label Dice but a ratio of two (``diagnostics.box_search_efficiency``): PL after SAM / ceiling.
 EFFICIENCY = "efficiency"
 

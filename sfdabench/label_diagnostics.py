@@ -18,6 +18,11 @@ from sfdabench.api import Case, SamBackend
 from sfdabench.evaluation import dice_per_organ, label_confusion, quality_by_slice_group
 
 
+#: The pseudo-label stages this service records itself (``Context.box_prompt_ceiling``), with their labels;
+#: a method's own stages are labelled by its ``stage_labels``.
+CEILING_STAGES = {"gt_box_ceiling": "PL ceiling (GT boxes)", "class_keeping_ceiling": "PL ceiling (class-keeping)"}
+
+
 class TargetLabelDiagnostics:
     """Scores pseudo-label volumes (one (Z, H, W) array per case, in ``TargetImages`` order) against the
     ground truth of ``cases``. ``box_prompts=False`` leaves the box-prompt ceilings out (they cost one SAM

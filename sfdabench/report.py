@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from sfdabench.api import SfdaBenchError, UsageError
+from sfdabench.label_diagnostics import CEILING_STAGES
 from sfdabench.results import read_rows
 
 log = logging.getLogger("sfdabench")
@@ -229,7 +230,7 @@ def _facts(run: Mapping[str, Any]) -> pd.DataFrame:
 
 
 #: The pseudo-label stages the harness itself records (after the method's own, see ``Method.stage_labels``).
-HARNESS_STAGES = {"gt_box_ceiling": "PL ceiling (GT boxes)", "class_keeping_ceiling": "PL ceiling (class-keeping)"}
+HARNESS_STAGES = CEILING_STAGES
 
 
 def stage_labels(method: str) -> dict[str, str]:
