@@ -63,6 +63,22 @@ def version(dist: str) -> str:
         return "not installed"
 
 
+def cpu_model() -> str:
+    """The CPU as /proc/cpuinfo names it (vendor, model name, family/model/stepping), or the platform's guess.
+
+    Two CPUs with the same SIMD level (torch's cpu_capability) can still train other weights at one thread:
+    BLAS picks kernels and blockings by vendor and cache sizes, so the float summation order differs."""
+    try:
+        info = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+        return (f"{info.get('vendor_id', '?')} {info.get('model name', '?')} family {info.get('cpu family', '?')} "
+                f"model {info.get('model', '?')} stepping {info.get('stepping', '?')}")
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
 def environment_record(plugins: Mapping[str, str], device: str) -> dict[str, Any]:
     import numpy
     import torch
@@ -78,6 +94,7 @@ def environment_record(plugins: Mapping[str, str], device: str) -> dict[str, Any
         "device": device,
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # SIMD code path: floats differ across them
+        "cpu_model": cpu_model(),
         "plugins": dict(plugins),
     }
 
