@@ -11,7 +11,7 @@ mislabel the grid's rows. ``sfdabench list methods`` marks the methods that decl
 How runs are launched: each variant is registered as an option of the config group ``sfdabench_ablation``
 (Hydra ConfigStore, package ``_global_``) that sets the method's settings of that variant, and the grid is one
 ordinary multirun, ``sfdabench run -m method=<m> +sfdabench_ablation=<v1>,<v2>,... seed=<s1>,... [overrides]``,
-through ``config.run``. So every run is a normal protocol run: the configured launcher applies (ConfigStore
+through ``launch.run``. So every run is a normal protocol run: the configured launcher applies (ConfigStore
 state travels to joblib and SLURM jobs with Hydra's singleton state), finished runs are skipped on relaunch,
 rows land in the leaderboard, and the resolved config, hence the run id, is the same as for the same
 settings written by hand. The expected run ids are computed beforehand from the composed configs
@@ -35,6 +35,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from sfdabench import leaderboard as lb
+from sfdabench import metric_catalogue
 from sfdabench.api import Ablation, SfdaBenchError, UsageError
 from sfdabench.label_diagnostics import CEILING_STAGES
 
@@ -194,7 +195,7 @@ def expected_runs(request: Request) -> tuple[pd.DataFrame, Any]:
 
 def launch(request: Request) -> int:
     """One Hydra multirun over variants x seeds (launchers apply); the exit code of the sweep."""
-    from sfdabench.config import run
+    from sfdabench.launch import run
 
     # prevalidated: expected_runs() composed and checked every grid config already
     return run(["-m", f"method={request.method}", f"+{GROUP}={','.join(request.variants)}",
@@ -236,7 +237,7 @@ def ablation_table(expected: pd.DataFrame, results_dir: Path, ablation: Ablation
     if not len(rows):
         return pd.DataFrame(columns=["variant", "organ"]), missing
     summary = lb.aggregate(rows)
-    stats = [f"{m}_{s}" for m in lb.METRICS for s in ("mean", "std", "n") if f"{m}_{s}" in summary]
+    stats = [f"{m}_{s}" for m in metric_catalogue.of_summary(summary) for s in ("mean", "std", "n")]
     keep = ["variant", "organ", "n_seeds", "seeds", *stats] + (["asd_unit"] if "asd_unit" in summary else [])
     columns = pd.DataFrame([{"variant": v, **ablation.columns(v)} for v in variants])  # for readers of the CSV
     table = summary[keep].merge(columns, on="variant", how="left")

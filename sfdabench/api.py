@@ -424,7 +424,11 @@ class Metric(abc.ABC):
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
-    higher_is_better: ClassVar[bool] = True
+    higher_is_better: ClassVar[bool] = True  # ranks, paired differences, gap-closed and compare follow it
+    bounded: ClassVar[bool] = False          # values in [0, 1] (an overlap score) rather than a distance
+    digits: ClassVar[int] = 3                # decimals shown in the Markdown tables
+    label: ClassVar[str] = ""                # name in table headers (default: ``name``)
+    spatial: ClassVar[bool] = False          # values in the run's distance unit (row column ``asd_unit``)
 
     def __init__(self, cfg: Mapping[str, Any] | None = None):
         self.cfg = dict(cfg or {})
@@ -437,6 +441,26 @@ class Metric(abc.ABC):
     def __call__(self, pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> float:
         ...
 
+
+
+class Command(abc.ABC):
+    """A subcommand of the ``sfdabench`` command line: ``sfdabench <name> [args]``.
+
+    ``usage`` is its entry in ``sfdabench --help`` (first line: ``<name> <arguments>``, further lines
+    indented explanation); ``interrupted`` what Ctrl-C leaves behind, for the one line printed then.
+    ``main`` gets the arguments after the name and returns the exit code; a
+    :class:`SfdaBenchError` it raises becomes one line and that error's exit code.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    usage: ClassVar[str] = ""
+    interrupted: ClassVar[str] = "nothing was left half-written"
+
+    @staticmethod
+    @abc.abstractmethod
+    def main(args: Sequence[str]) -> int:
+        ...
 
 def _plain(obj: Any) -> Any:
     """OmegaConf containers -> plain Python (for hashing and JSON)."""

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from sfdabench import leaderboard as lb
+from sfdabench import metric_catalogue
 from sfdabench.api import UsageError
 from sfdabench.results import source_model
 
@@ -98,10 +99,10 @@ def per_case_values(rows: pd.DataFrame, results_dir: Path) -> tuple[pd.DataFrame
     ``per_case.csv``, with each case's mean over organs as organ ``mean``), keyed by :data:`CASE_KEY`."""
     cases, missing = lb.per_case_values(rows, results_dir)
     if not len(cases):
-        return pd.DataFrame(columns=CASE_KEY + list(lb.METRICS)), missing
+        return pd.DataFrame(columns=CASE_KEY + list(metric_catalogue.names())), missing
     runs = rows.drop_duplicates("run_id")[["run_id", "task", "method", "variant", "seed"]].astype({"run_id": str})
     cases = cases.merge(runs, on="run_id")
-    return cases[CASE_KEY + [m for m in lb.METRICS if m in cases]], missing
+    return cases[CASE_KEY + metric_catalogue.columns(cases)], missing
 
 
 def wilcoxon(a: np.ndarray, b: np.ndarray) -> tuple[float, int]:
@@ -178,12 +179,14 @@ def source_differences(a: Side, b: Side) -> list[str]:
 
 def compare(a: Side, b: Side, metric: str = "dice", max_regression: float = 0.01) -> pd.DataFrame:
     """Aligned rows with deltas (B - A), rank change, Wilcoxon p over matched cases, regression flag."""
-    cols = ALIGN + ["sfda"] + [f"{m}_mean" for m in lb.METRICS if f"{m}_mean" in a.summary] + \
-        [f"rank_{metric}", "n_seeds"]
+    metrics = metric_catalogue.of_summary(a.summary)
+    if metric not in metrics:
+        raise UsageError(f"--metric {metric}: leaderboard A has no {metric} column; it has {', '.join(metrics)}")
+    cols = ALIGN + ["sfda"] + [f"{m}_mean" for m in metrics] + [f"rank_{metric}", "n_seeds"]
     table = a.summary[cols].merge(b.summary[cols], on=ALIGN, suffixes=("_a", "_b"))
     # Rows of one method/variant together (the summaries are sorted by organ; a stable sort keeps that order).
     table = table.sort_values(["task", "method", "variant"], kind="stable").reset_index(drop=True)
-    for m in lb.METRICS:
+    for m in metrics:
         if f"{m}_mean_a" in table and f"{m}_mean_b" in table:
             table[f"delta_{m}"] = table[f"{m}_mean_b"] - table[f"{m}_mean_a"]
     # Paired test on the chosen metric over cases present on both sides (same seed, case, organ).
@@ -197,7 +200,7 @@ def compare(a: Side, b: Side, metric: str = "dice", max_regression: float = 0.01
         pvals.append(p)
         counts.append(n)
     table["wilcoxon_p"], table["n_pairs"] = pvals, counts
-    sign = 1.0 if lb.HIGHER_IS_BETTER[metric] else -1.0
+    sign = 1.0 if metric_catalogue.higher_is_better(metric) else -1.0
     gain = sign * table[f"delta_{metric}"]   # > 0: better on the chosen metric
     table["regressed"] = gain < -max_regression
     table["improved"] = gain > max_regression
@@ -216,7 +219,8 @@ def one_sided(a: Side, b: Side) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def report(a: Side, b: Side, table: pd.DataFrame, metric: str, max_regression: float,
            seed_notes: Sequence[str] = ()) -> str:
-    better = "higher" if lb.HIGHER_IS_BETTER[metric] else "lower"
+    better = "higher" if metric_catalogue.higher_is_better(metric) else "lower"
+    metrics = [m for m in metric_catalogue.of_summary(a.summary) if f"delta_{m}" in table]
     n_reg = int(table["regressed"].sum())
     lines = [f"# sfdabench compare", "",
              f"- A: `{a.path}` ({a.rows['run_id'].nunique() if 'run_id' in a.rows else '?'} runs)",
@@ -225,8 +229,8 @@ def report(a: Side, b: Side, table: pd.DataFrame, metric: str, max_regression: f
              f"deltas are B - A of the means over the seeds both sides have; p: paired two-sided Wilcoxon "
              f"signed-rank test over "
              f"matched (seed, case) values of {metric}", ""]
-    digits = lb.DIGITS[metric]
-    header = ["task", "method", "variant", "organ", f"{metric} A", f"{metric} B", "Δ dice", "Δ asd", "Δ hd95",
+    digits = metric_catalogue.digits(metric)
+    header = ["task", "method", "variant", "organ", f"{metric} A", f"{metric} B", *[f"Δ {m}" for m in metrics],
               f"rank ({metric}) A→B", "p (n pairs)", "status"]
     rows = []
     for r in table.itertuples(index=False):
@@ -236,10 +240,11 @@ def report(a: Side, b: Side, table: pd.DataFrame, metric: str, max_regression: f
             status = "n/a"
         rows.append([r.task, lb.method_label(r.method, bool(d["sfda_a"]) and bool(d["sfda_b"])), r.variant, r.organ,
                      lb.fmt(d[f"{metric}_mean_a"], digits=digits), lb.fmt(d[f"{metric}_mean_b"], digits=digits),
-                     _delta(d.get("delta_dice"), 3), _delta(d.get("delta_asd"), 2), _delta(d.get("delta_hd95"), 2),
+                     *[_delta(d.get(f"delta_{m}"), metric_catalogue.digits(m)) for m in metrics],
                      f"{_rank(d[f'rank_{metric}_a'])}→{_rank(d[f'rank_{metric}_b'])}",
                      "-" if pd.isna(d["wilcoxon_p"]) else f"{d['wilcoxon_p']:.3g} ({d['n_pairs']})", status])
-    lines.append(lb.markdown_table(header, rows, ["l"] * 4 + ["r"] * 7 + ["l"]) if rows else "(no aligned rows)")
+    lines.append(lb.markdown_table(header, rows, ["l"] * 4 + ["r"] * (len(metrics) + 4) + ["l"]) if rows
+                 else "(no aligned rows)")
     only_a, only_b = one_sided(a, b)
     for name, only in (("A", only_a), ("B", only_b)):
         if len(only):
@@ -291,7 +296,9 @@ def cmd_compare(args: Sequence[str]) -> int:
                                      description="Compare two leaderboards (B against A); exit 1 on regression.")
     parser.add_argument("a", help="baseline leaderboard CSV or results dir")
     parser.add_argument("b", help="new leaderboard CSV or results dir")
-    parser.add_argument("--metric", choices=lb.METRICS, default="dice")
+    parser.add_argument("--metric", choices=metric_catalogue.names(), default=None,
+                        help="the metric the regression check and the tests use (default: the headline metric, "
+                             "the rows' first metric column)")
     parser.add_argument("--max-regression", type=float, default=0.01,
                         help="largest tolerated worsening of a mean (default 0.01)")
     parser.add_argument("--out", type=Path, help="also write the Markdown report here")
@@ -300,6 +307,8 @@ def cmd_compare(args: Sequence[str]) -> int:
     ns = parser.parse_args(list(args))
     allow = lb.parse_allow_mixed(ns.allow_mixed)
     a, b = load_side("A", ns.a, allow), load_side("B", ns.b, allow)
+    if ns.metric is None:
+        ns.metric = (metric_catalogue.of_summary(a.summary) or ["dice"])[0]
     for side in (a, b):
         if f"{ns.metric}_mean" not in side.summary:
             raise UsageError(f"{side.path} has no {ns.metric} column")

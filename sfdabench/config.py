@@ -7,10 +7,10 @@
 - Names (``method=``, ``task=``, ``sam=``) are checked against the registry and the search path, then every
   job's config is composed with Hydra's compose API (a misspelled key names the closest valid one) and the
   whole composed config is validated (:func:`validate_config`) before Hydra starts and anything runs.
-- :func:`run` launches Hydra (``hydra.main``) with ``_job`` as the task function: one protocol run per job.
+- :mod:`sfdabench.launch` hands the checked overrides to Hydra (``hydra.main``): one protocol run per job.
 
 Every problem is a :class:`~sfdabench.api.UsageError`: one line naming the problem and the fix, exit code 2.
-This module imports neither the CLI nor ``prepare``/``ablate``; they import it.
+This module imports neither the CLI, the launcher, the protocol nor ``prepare``/``ablate``; they import it.
 """
 from __future__ import annotations
 
@@ -471,55 +471,3 @@ def validate_sam(sam_cfg: Mapping[str, Any], registry=None) -> None:
     check = getattr(backend, "check_config", None)
     if check is not None:
         check(sam_cfg)
-
-
-# -------------------------------------------------------------------------------------------- run
-
-
-def run(args: Sequence[str], prevalidated: bool = False) -> int:
-    """``sfdabench run``: check names, compose and validate every job, then launch Hydra (exit code).
-    ``prevalidated``: the caller already composed and validated every job (``ablate``)."""
-    ra = parse_run_args(args)
-    validate_overrides(ra.overrides)
-    if not prevalidated:
-        # A sweep only Hydra can expand (None) is left to the checks execute() repeats in every job.
-        jobs = (sweep_jobs(ra.overrides) or []) if ra.multirun else [ra.overrides]
-        from sfdabench.plugins import get_registry
-
-        registry = get_registry()
-        for job in jobs:
-            cfg = compose_config(job)
-            if ra.runs:
-                validate_config(cfg, registry)
-    saved = sys.argv
-    sys.argv = ["sfdabench run", *ra.flags, *hydra_searchpath_override(ra.overrides)]
-    try:
-        _hydra_main()
-    except SystemExit as exc:  # Hydra and _job end with sys.exit(code)
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = saved
-        from hydra.core.global_hydra import GlobalHydra
-
-        GlobalHydra.instance().clear()  # hydra.main leaves itself initialised; a later compose would refuse
-    return 0
-
-
-def _hydra_main() -> None:
-    import hydra
-
-    hydra.main(version_base=None, config_path="pkg://sfdabench_configs", config_name="run")(_job)()
-
-
-def _job(cfg) -> None:
-    """One Hydra job = one protocol run. User errors end the process with one line and their exit code."""
-    from sfdabench.protocol import execute, format_table
-
-    setup_logging()
-    try:
-        summary = execute(cfg)
-    except SfdaBenchError as exc:
-        print(f"sfdabench: error: {exc}", file=sys.stderr)
-        raise SystemExit(exc.exit_code) from None
-    print(format_table(summary))
-    print(f"run folder: {summary['run_dir']}")

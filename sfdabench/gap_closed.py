@@ -21,13 +21,11 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from sfdabench import metric_catalogue
 from sfdabench.results import source_model
 
 _SOURCE = "_source_model"  # working column: the source model a row started from
-#: gap_closed column name per metric (Dice is the headline column).
-COLUMNS = {"dice": "gap_closed", "asd": "gap_closed_asd", "hd95": "gap_closed_hd95"}
-HIGHER_IS_BETTER = {"dice": True, "asd": False, "hd95": False}
-#: Smallest upper - lower Dice difference for which the ratio means anything.
+#: Smallest upper - lower difference of a bounded metric (Dice) for which the ratio means anything.
 MIN_GAP = 0.01
 MIN_RELATIVE_DISTANCE_GAP = 0.01
 
@@ -58,8 +56,8 @@ def references() -> tuple[str, str]:
 def per_seed(rows: pd.DataFrame, metrics: Sequence[str], lower: str | None = None, upper: str | None = None
              ) -> tuple[pd.DataFrame, list[str]]:
     """``rows`` (one run per key and seed) plus a ``gap_closed*`` column per metric and a ``gap_reason``
-    column (why the Dice gap is empty, '' where defined); and notes for the table. ``lower``/``upper``: the
-    reference methods (default: the registered methods that declare those roles)."""
+    column (why the headline metric's gap, ``metrics[0]``'s, is empty, '' where defined); and notes for the
+    table. ``lower``/``upper``: the reference methods (default: the registered methods that declare those roles)."""
     if lower is None or upper is None:
         found = references()
         lower, upper = found[0] if lower is None else lower, found[1] if upper is None else upper
@@ -70,7 +68,7 @@ def per_seed(rows: pd.DataFrame, metrics: Sequence[str], lower: str | None = Non
         lacking.append("source_weights")
     if lacking:
         for metric in metrics:
-            out[COLUMNS[metric]] = np.nan
+            out[metric_catalogue.gap_column(metric, metrics[0])] = np.nan
         out["gap_reason"] = f"rows lack {', '.join(lacking)}"
         return out, []
     rows = rows.assign(**{_SOURCE: source_model(rows)})
@@ -88,16 +86,19 @@ def per_seed(rows: pd.DataFrame, metrics: Sequence[str], lower: str | None = Non
         lo = lower[metric].reindex(index).to_numpy(dtype=float) if metric in lower else np.full(len(rows), np.nan)
         hi = upper[metric].reindex(index).to_numpy(dtype=float) if metric in upper else np.full(len(rows), np.nan)
         value = rows[metric].to_numpy(dtype=float)
-        span = hi - lo if HIGHER_IS_BETTER[metric] else lo - hi
-        least = MIN_GAP if metric == "dice" else MIN_RELATIVE_DISTANCE_GAP * np.abs(lo)
+        span = hi - lo if metric_catalogue.higher_is_better(metric) else lo - hi
+        bounded = metric_catalogue.bounded(metric)
+        least = MIN_GAP if bounded else MIN_RELATIVE_DISTANCE_GAP * np.abs(lo)
         with np.errstate(invalid="ignore", divide="ignore"):
             ok = np.isfinite(value) & np.isfinite(lo) & np.isfinite(hi) & (span >= least) & (span > 0)
-            out[COLUMNS[metric]] = np.where(ok, (value - lo) / (hi - lo), np.nan)
-        if metric == "dice":
+            out[metric_catalogue.gap_column(metric, metrics[0])] = np.where(ok, (value - lo) / (hi - lo), np.nan)
+        if metric == metrics[0]:
             known = has_lo & has_hi
+            least_text = f"{MIN_GAP} {metric_catalogue.label(metric)}" if bounded else \
+                f"{MIN_RELATIVE_DISTANCE_GAP:.0%} of {lo_name}'s {metric_catalogue.label(metric)}"
             reason[known & ~np.isfinite(value)] = "metric is NaN"
             reason[known & np.isfinite(value) & ~(span >= least)] = (
-                f"{hi_name} not better than {lo_name} by {MIN_GAP} Dice: ratio undefined")
+                f"{hi_name} not better than {lo_name} by {least_text}: ratio undefined")
     out["gap_reason"] = reason.to_numpy()
     return out, notes_lo + notes_hi
 

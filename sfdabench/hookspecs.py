@@ -50,6 +50,12 @@ def sfdabench_sam_backends() -> list[type]:
 
 
 @hookspec
+def sfdabench_commands() -> list[type]:
+    """Subcommands of the ``sfdabench`` command line: subclasses of :class:`sfdabench.api.Command`
+    (``sfdabench <name> ...``). The built-in ``run``, ``list``, ``leaderboard``, ... are registered this way."""
+
+
+@hookspec
 def sfdabench_config_searchpath() -> list[str]:
     """Hydra config search-path entries (e.g. ``"pkg://my_package.configs"``) holding the plugin's config
     groups (``method/``, ``task/``, ``sam/``, ...). They are added to every ``sfdabench`` command."""

@@ -30,12 +30,11 @@ import pandas as pd
 
 from sfdabench import gap_closed, statistics
 from sfdabench.api import UsageError
-from sfdabench.results import METRIC_COLUMNS, read_rows, source_model
+from sfdabench import metric_catalogue
+from sfdabench.results import read_rows, source_model
 
 log = logging.getLogger("sfdabench")
 
-METRICS = METRIC_COLUMNS  # one list of built-in metric columns (sfdabench.results)
-HIGHER_IS_BETTER = {"dice": True, "asd": False, "hd95": False}
 #: Aggregation key. ``sam`` (the SAM backend a run used, empty for methods without SAM) is a method setting
 #: the variant name does not carry: LiteMedSAM and MedSAM runs of one variant are separate rows, not seeds.
 KEY = ["task", "method", "variant", "selection", "sam"]
@@ -45,7 +44,7 @@ TASK_PROTOCOL = ("data_protocol",)
 SEED_PROTOCOL = ("source_weights",)  # compared through results.source_model (legacy rows: their config)
 PROTOCOL_COLUMNS = GLOBAL_PROTOCOL + TASK_PROTOCOL + SEED_PROTOCOL
 DEFAULT_INPUT = Path("sfdabench-results") / "leaderboard.csv"
-#: Columns without which rows cannot be aggregated (plus at least one of METRICS).
+#: Columns without which rows cannot be aggregated (plus at least one registered metric's).
 REQUIRED = ("task", "method", "organ")
 SUMMARY_NAME = "leaderboard_summary"
 
@@ -71,16 +70,16 @@ def resolve_input(path: str | Path) -> Path:
 def read_leaderboard(path: str | Path) -> pd.DataFrame:
     """One leaderboard CSV, read losslessly (results.read_rows); missing columns of old files filled in."""
     path = resolve_input(path)
-    rows = read_rows(path, METRICS)
+    rows = read_rows(path)
     if not len(rows):
         raise UsageError(f"{path} has no rows (the file is empty or a header only); pass a leaderboard with "
                          f"rows, e.g. the results_dir/leaderboard.csv that `sfdabench run` writes")
-    missing = [c for c in REQUIRED if c not in rows] + ([] if any(m in rows for m in METRICS) else
-                                                         [" or ".join(METRICS)])
+    missing = [c for c in REQUIRED if c not in rows] + ([] if metric_catalogue.columns(rows) else
+                                                         [" or ".join(metric_catalogue.names())])
     if missing:
         raise UsageError(f"{path} lacks the column(s) {', '.join(missing)} that leaderboard rows need; pass a "
                          f"leaderboard CSV as `sfdabench run` writes it (columns: {', '.join(REQUIRED)}, "
-                         f"{', '.join(METRICS)}, ...)")
+                         f"{', '.join(metric_catalogue.names())}, ...)")
     for col in KEY:  # old or hand-made files may lack key columns
         if col not in rows:
             rows[col] = "default" if col == "variant" else ""
@@ -121,15 +120,15 @@ def per_case_values(rows: pd.DataFrame, results_dir: Path) -> tuple[pd.DataFrame
         if not path.is_file():
             missing.append(run_id)
             continue
-        frames.append(read_rows(path, METRICS).assign(run_id=run_id))
+        frames.append(read_rows(path).assign(run_id=run_id))
     return with_case_means(pd.concat(frames, ignore_index=True) if frames else None), missing
 
 
 def with_case_means(cases: pd.DataFrame | None) -> pd.DataFrame:
     """``cases`` (per-case rows of organs) with each (run, case)'s mean over organs as organ ``mean``."""
     if cases is None or not len(cases):
-        return pd.DataFrame(columns=["run_id", "case", "organ", *METRICS])
-    metrics = [m for m in METRICS if m in cases]
+        return pd.DataFrame(columns=["run_id", "case", "organ", *metric_catalogue.names()])
+    metrics = metric_catalogue.columns(cases)
     cases = cases[cases["organ"] != "mean"]
     overall = (cases.groupby(["run_id", "case"], sort=False)[metrics].mean().reset_index()
                .assign(organ="mean"))
@@ -148,7 +147,7 @@ def load_cases(inputs: Sequence[str | Path], rows: pd.DataFrame) -> pd.DataFrame
         csv = resolve_input(path)
         exported = exported_cases_path(csv)
         if exported.is_file():
-            frames.append(with_case_means(read_rows(exported, METRICS)))
+            frames.append(with_case_means(read_rows(exported)))
         found, _ = per_case_values(rows, csv.parent)
         frames.append(found)
     cases = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else \
@@ -332,10 +331,10 @@ def aggregate(rows: pd.DataFrame, allow_mixed: Iterable[str] = (), cases: pd.Dat
         # Seeds in the order they finished, as in a results dir's leaderboard.csv: float sums depend on the
         # order, so rows exported per task (sorted by method) aggregate to the very same bits.
         rows = rows.sort_values("finished_at", kind="stable", na_position="first")
-    metrics = [m for m in METRICS if m in rows]
+    metrics = metric_catalogue.columns(rows)
     lower, upper = gap_closed.references()
     rows, gap_notes = gap_closed.per_seed(rows, metrics, lower, upper)
-    values = metrics + [gap_closed.COLUMNS[m] for m in metrics]
+    values = metrics + [metric_catalogue.gap_column(m, metrics[0]) for m in metrics]
     grouped = rows.groupby(key + ["organ"], sort=False, dropna=False)
     table = grouped[values].agg(["mean", "std", "count"])  # pandas std: ddof=1 (sample std over seeds)
     table.columns = [f"{m}_{stat}" for m in values for stat in ("mean", "std", "n")]
@@ -406,7 +405,8 @@ def _uncertainty(table: pd.DataFrame, rows: pd.DataFrame, cases: pd.DataFrame, k
             if len(sfda) >= 1:
                 all_cases = all(by_case[g] for g in sfda)
                 wins, ranks = statistics.significance_ranks([values[g] if all_cases else groups[g] for g in sfda],
-                                                            metric, HIGHER_IS_BETTER[metric], by_case=all_cases)
+                                                            metric, metric_catalogue.higher_is_better(metric),
+                                                            by_case=all_cases)
                 for g, w, r in zip(sfda, wins, ranks):
                     out[f"sig_wins_{metric}"][index[g]], out[f"sig_rank_{metric}"][index[g]] = w, r
     for col, vals in out.items():
@@ -421,7 +421,7 @@ def _rank(table: pd.DataFrame, key: Sequence[str], metrics: Sequence[str]) -> pd
     sfda = table["sfda"]
     for metric in metrics:
         ranks = (table[sfda].groupby(within, dropna=False)[f"{metric}_mean"]
-                 .rank(method="min", ascending=not HIGHER_IS_BETTER[metric]))
+                 .rank(method="min", ascending=not metric_catalogue.higher_is_better(metric)))
         table[f"rank_{metric}"] = ranks.reindex(table.index).astype("Int64")
     return table
 
@@ -449,12 +449,15 @@ def method_label(method: str, sfda: bool) -> str:
     return method if sfda else f"{method} (not SFDA)"
 
 
-DIGITS = {"dice": 3, "asd": 2, "hd95": 2, "gap_closed": 2, "gap_closed_asd": 2, "gap_closed_hd95": 2}
-
-
 def to_markdown(summary: pd.DataFrame) -> str:
-    """One table per task: Dice per organ (organs as columns), mean Dice with its interval, the paired
-    difference to the reference, ASD/HD95; rows by significance rank (ties: the data cannot separate them)."""
+    """One table per task: the headline metric (the rows' first metric column: Dice) per organ (organs as
+    columns), its mean with an interval and the paired difference to the reference, the gap closed, then the
+    other metrics (ASD/HD95, any plugin's) with their significance ranks; rows by significance rank of the
+    headline metric (ties: the data cannot separate them)."""
+    metrics = metric_catalogue.of_summary(summary)
+    head, others = metrics[0], metrics[1:]
+    name = metric_catalogue.label(head)
+    spatial = [metric_catalogue.label(m) for m in others if metric_catalogue.spatial(m)]
     key = list(summary.attrs.get("key", KEY))
     lower, upper = summary.attrs.get("references") or gap_closed.references()
     reference = summary.attrs.get("reference", lower)
@@ -464,48 +467,50 @@ def to_markdown(summary: pd.DataFrame) -> str:
         unit = "/".join(dict.fromkeys(tab["asd_unit"])) if "asd_unit" in tab else "?"
         selection = "/".join(dict.fromkeys(tab["selection"].astype(str)))
         extra = [c for c in key if c not in KEY] + (["sam"] if tab["sam"].ne("").any() else [])
-        header = ["rank", "method", "variant", *extra, "seeds", "cases", *organs, "Dice (mean) [95% CI]",
-                  f"Δ Dice vs {reference} [95% CI], p", "gap closed", f"ASD ({unit})", f"HD95 ({unit})",
-                  "rank ASD", "rank HD95"]
-        align = ["r", "l", "l", *["l"] * len(extra), "r", "r", *["r"] * (len(organs) + 7)]
+        header = ["rank", "method", "variant", *extra, "seeds", "cases", *organs, f"{name} (mean) [95% CI]",
+                  f"Δ {name} vs {reference} [95% CI], p", "gap closed",
+                  *[metric_catalogue.label(m) + (f" ({unit})" if metric_catalogue.spatial(m) else "") for m in others],
+                  *[f"rank {metric_catalogue.label(m)}" for m in others]]
+        align = ["r", "l", "l", *["l"] * len(extra), "r", "r", *["r"] * (len(organs) + 3 + 2 * len(others))]
         groups = []
         for gkey, g in tab.groupby(key, sort=False, dropna=False):
             by_organ = g.set_index("organ")
             mean = by_organ.loc["mean"] if "mean" in by_organ.index else None
             groups.append((gkey, g, by_organ, mean))
-        # SFDA rows by significance rank, then by mean Dice; the rest (not SFDA) at the bottom.
-        groups.sort(key=lambda grp: (not grp[1]["sfda"].all(), _rank_value(grp[3], "sig_rank_dice"),
-                                     -_value(grp[3], "dice_mean")))
+        # SFDA rows by significance rank, then by the headline mean (best first); the rest (not SFDA) at the bottom.
+        best_first = -1.0 if metric_catalogue.higher_is_better(head) else 1.0
+        groups.sort(key=lambda grp: (not grp[1]["sfda"].all(), _rank_value(grp[3], f"sig_rank_{head}"),
+                                     best_first * _value(grp[3], f"{head}_mean", best_first * math.inf)))
         lines = []
         for gkey, g, by_organ, mean in groups:
             sfda = bool(g["sfda"].all())
             gkey = dict(zip(key, gkey if isinstance(gkey, tuple) else (gkey,)))
-            cells = [rank_cell(mean, "sig_rank_dice"), method_label(gkey["method"], sfda), gkey["variant"],
+            cells = [rank_cell(mean, f"sig_rank_{head}"), method_label(gkey["method"], sfda), gkey["variant"],
                      *[gkey[c] for c in extra], str(int(g["n_seeds"].max())),
                      str(mean["n_cases"]) if mean is not None and "n_cases" in mean else "?"]
-            cells += [cell(by_organ, o, "dice") for o in organs]
-            cells += [interval_cell(mean, "dice"), difference_cell(mean, "dice"),
-                      cell(by_organ, "mean", "gap_closed")]
-            cells += [cell(by_organ, "mean", m) for m in ("asd", "hd95")]
-            cells += [rank_cell(mean, "sig_rank_asd"), rank_cell(mean, "sig_rank_hd95")]
+            cells += [cell(by_organ, o, head) for o in organs]
+            cells += [interval_cell(mean, head), difference_cell(mean, head),
+                      cell(by_organ, "mean", metric_catalogue.gap_column(head, head))]
+            cells += [cell(by_organ, "mean", m) for m in others]
+            cells += [rank_cell(mean, f"sig_rank_{m}") for m in others]
             lines.append(cells)
-        out.append(f"### {task}\n\nDice per organ: mean ± std (ddof=1) over seeds. Dice (mean): mean over organs, "
+        out.append(f"### {task}\n\n{name} per organ: mean ± std (ddof=1) over seeds. {name} (mean): mean over organs, "
                    f"mean and 95% t interval over seeds. Δ: paired difference to {reference} on the same seeds, "
                    f"source weights and cases: mean, 95% crossed bootstrap interval (seeds and cases resampled), "
                    f"p of a two-sided Wilcoxon signed-rank test over cases (t-test over seeds where per-case "
                    f"values are missing). Rank: significance rank among SFDA methods (MSD-challenge manner: the "
                    f"number of methods a method beats in pairwise tests, Holm-corrected, at 0.05); equal ranks are "
-                   f"methods the data cannot separate. ASD/HD95 in {unit} (mean ± std over seeds); selection "
-                   f"{selection}. Gap closed: (method - {lower}) / ({upper} - "
-                   f"{lower}) of the mean Dice, per seed on the same source checkpoint, then mean ± std."
+                   f"methods the data cannot separate. {'/'.join(spatial) or 'Distances'} in {unit} (mean ± std over seeds); "
+                   f"selection {selection}. Gap closed: (method - {lower}) / ({upper} - "
+                   f"{lower}) of the mean {name}, per seed on the same source checkpoint, then mean ± std."
                    "\n\n" + markdown_table(header, lines, align)
                    + gap_notes(tab, key, summary.attrs.get("gap_notes", [])))
     return "\n\n".join(out) + "\n"
 
 
-def _value(row, col: str) -> float:
+def _value(row, col: str, missing: float = -math.inf) -> float:
     if row is None or col not in row or pd.isna(row[col]):
-        return -math.inf
+        return missing
     return float(row[col])
 
 
@@ -513,7 +518,7 @@ def interval_cell(row, metric: str) -> str:
     """``0.812 [0.790, 0.834]``; the mean alone without an interval (one seed)."""
     if row is None or pd.isna(row.get(f"{metric}_mean", math.nan)):
         return "n/a"
-    d = DIGITS[metric]
+    d = metric_catalogue.display_digits(metric)
     low, high = row.get(f"{metric}_ci_low", math.nan), row.get(f"{metric}_ci_high", math.nan)
     if pd.isna(low) or pd.isna(high):
         return f"{row[f'{metric}_mean']:.{d}f}"
@@ -528,7 +533,7 @@ def difference_cell(row, metric: str) -> str:
     """``+0.120 [+0.080, +0.160], p=0.001``; empty for the reference itself or without a paired run."""
     if row is None or pd.isna(row.get(f"{metric}_diff_mean", math.nan)):
         return ""
-    d = DIGITS[metric]
+    d = metric_catalogue.display_digits(metric)
     text = f"{row[f'{metric}_diff_mean']:+.{d}f}"
     low, high = row.get(f"{metric}_diff_ci_low", math.nan), row.get(f"{metric}_diff_ci_high", math.nan)
     if not (pd.isna(low) or pd.isna(high)):
@@ -564,7 +569,7 @@ def cell(by_organ: pd.DataFrame, organ: str, metric: str) -> str:
     row = by_organ.loc[organ]
     if metric.startswith("gap_closed") and pd.isna(row[f"{metric}_mean"]):
         return ""  # no reference runs: left empty, the notes under the table say why
-    return fmt(row[f"{metric}_mean"], row[f"{metric}_std"], DIGITS[metric])
+    return fmt(row[f"{metric}_mean"], row[f"{metric}_std"], metric_catalogue.display_digits(metric))
 
 
 def rank_cell(row, col: str) -> str:
@@ -581,9 +586,11 @@ def _ranked_groups(tab: pd.DataFrame) -> list[tuple[str, str, str, bool]]:
     return list(dict.fromkeys(zip(order["method"], order["variant"], order["sam"], order["sfda"].astype(bool))))
 
 
-def plot(summary: pd.DataFrame, path: Path, value: str = "dice") -> None:
-    """Per-organ ``value`` (Dice, or gap closed) with std error bars: one bar group per method/variant, one
-    panel per task. Groups without any value (no gap-closed references) are left out."""
+def plot(summary: pd.DataFrame, path: Path, value: str | None = None) -> None:
+    """Per-organ ``value`` (default: the headline metric, Dice; or gap closed) with std error bars: one bar group
+    per method/variant, one panel per task. Groups without any value (no gap-closed references) are left out."""
+    if value is None:
+        value = metric_catalogue.of_summary(summary)[0]
     import matplotlib
 
     matplotlib.use("Agg")  # headless: no display on servers and CI
@@ -613,9 +620,10 @@ def plot(summary: pd.DataFrame, path: Path, value: str = "dice") -> None:
                     bar.set_hatch("//")  # not SFDA (oracle): visibly set apart
         ax.set_xticks(x, [f"{method_label(m, s)}\n{v}" + (f"\n{sam}" if sam else "") for m, v, sam, s in labels],
                       fontsize=8)
-        if value == "dice":
-            ax.set_ylim(0, 1)
-            ax.set_ylabel("Dice (mean ± std over seeds)")
+        if value in metric_catalogue.names():
+            if metric_catalogue.bounded(value):
+                ax.set_ylim(0, 1)
+            ax.set_ylabel(f"{metric_catalogue.label(value)} (mean ± std over seeds)")
         else:  # 0 = source-only, 1 = oracle; values outside happen and are shown
             for level in (0.0, 1.0):
                 ax.axhline(level, color="0.4", linewidth=0.8, linestyle="--")

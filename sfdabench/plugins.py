@@ -32,6 +32,7 @@ KINDS = {
     "datasets": "sfdabench_datasets",
     "metrics": "sfdabench_metrics",
     "sam": "sfdabench_sam_backends",
+    "commands": "sfdabench_commands",
 }
 
 
@@ -116,7 +117,8 @@ class Registry:
         try:
             return self.entries[kind][name].obj
         except KeyError:
-            singular = {"methods": "method", "datasets": "dataset", "metrics": "metric", "sam": "sam backend"}
+            singular = {"methods": "method", "datasets": "dataset", "metrics": "metric", "sam": "sam backend",
+                        "commands": "command"}
             raise UsageError(f"unknown {singular[kind]} '{name}'; available: {', '.join(self.names(kind)) or '(none)'}"
                              ) from None
 

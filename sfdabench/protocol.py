@@ -198,7 +198,8 @@ def _execute(cfg: Mapping[str, Any], registry: Registry, run_dirs: list[Path]) -
 
     protocol = {
         "task": task.name, "method": method_cls.name, "variant": variant, "seed": seed,
-        "asd_unit": metrics["asd"].unit if "asd" in metrics else "",
+        # The unit of every spatial metric (ASD, HD95, a plugin's distance): the rows' one distance unit.
+        "asd_unit": next((m.unit for m in metrics.values() if getattr(m, "spatial", False)), ""),
         "empty_policy": empty_policy_tag(cfg["metrics"]), "selection": method_cls.selection,
         "source_weights": source.weights, "source_config": source.key,
         "train_threads": source.meta.get("train_threads", ""),
@@ -223,7 +224,7 @@ def _execute(cfg: Mapping[str, Any], registry: Registry, run_dirs: list[Path]) -
         "diagnostics": context.diagnostics, "run_dir": str(run_dir),
     }
     results.write_json(run_dir / "summary.json", summary)
-    rows = table.reset_index()[["organ"] + [m for m in ("dice", "asd", "hd95") if m in table.columns]]
+    rows = table.reset_index()[["organ", *[m for m in metrics if m in table.columns]]]
     for key, value in {**protocol, "runtime_s": round(runtime, 2), "finished_at": summary["finished_at"]}.items():
         rows[key] = value
     results.append_rows(results_dir / "leaderboard.csv", rows)
@@ -278,8 +279,7 @@ def weak_source_flag(in_domain: Mapping[str, float], organs: list[str], minimum:
 def format_table(summary: Mapping[str, Any]) -> str:
     """The per-organ table printed at the end of a run."""
     table = pd.DataFrame(summary["metrics"]).T
-    cols = [c for c in ("dice", "asd", "hd95") if c in table.columns]
-    table = table[cols].astype(float)
+    table = table.astype(float)  # the run's metrics, in its order
     head = (f"{summary['task']} | {summary['method']} ({summary['variant']}) | seed {summary['seed']} | "
             f"ASD/HD95 in {summary['asd_unit']} | source weights {summary['source_weights']} | "
             f"selection {summary['selection']}" + ("" if summary["sfda"] else " | NOT SFDA (uses target labels)"))

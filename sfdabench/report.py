@@ -34,6 +34,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from sfdabench import metric_catalogue
 from sfdabench.api import SfdaBenchError, UsageError
 from sfdabench.label_diagnostics import CEILING_STAGES
 from sfdabench.results import read_rows
@@ -157,9 +158,11 @@ def overlays(run: Mapping[str, Any], out: Path, max_cases: int) -> tuple[list[di
     with np.load(pred_path) as stored:
         predictions = {k: stored[k] for k in stored.files}
     per_case = run["per_case"]
-    order = (per_case.groupby("case")["dice"].mean() if len(per_case) and "dice" in per_case else pd.Series(dtype=float))
+    head = (run_metrics(run) or ["dice"])[0]  # cases from worst to best by the headline metric
+    order = (per_case.groupby("case")[head].mean() if len(per_case) and head in per_case else pd.Series(dtype=float))
+    worst_first = 1.0 if metric_catalogue.higher_is_better(head) else -1.0
     known = [c for c in cases if c.case_id in predictions and c.label is not None]
-    known.sort(key=lambda c: order.get(c.case_id, math.inf))
+    known.sort(key=lambda c: worst_first * order.get(c.case_id, worst_first * math.inf))
     note = ""
     if len(known) > max_cases:
         worst, best = known[: (max_cases + 1) // 2], known[len(known) - max_cases // 2:]
@@ -174,8 +177,8 @@ def overlays(run: Mapping[str, Any], out: Path, max_cases: int) -> tuple[list[di
         name = f"overlay_{_safe(case.case_id)}.png"
         dice = order.get(case.case_id, math.nan)
         overlay_figure(out / name, case.image, pred, case.label, organs, picks,
-                       f"case {case.case_id}: mean Dice {dice:.3f}")
-        shown.append({"case": case.case_id, "png": name, "dice": dice})
+                       f"case {case.case_id}: mean {metric_catalogue.label(head)} {dice:.3f}")
+        shown.append({"case": case.case_id, "png": name, "value": dice, "metric": metric_catalogue.label(head)})
     return shown, note
 
 
@@ -249,9 +252,15 @@ def _organ_order(keys: Sequence[str], organs: Sequence[str]) -> list[str]:
     return first + [k for k in keys if k not in first]
 
 
-def _metrics_table(summary: Mapping[str, Any], organs: Sequence[str]) -> pd.DataFrame:
+def run_metrics(run: Mapping[str, Any]) -> list[str]:
+    """The run's metrics in its configured order (``metrics.names``: the headline first), registered ones only."""
+    names = list(((run.get("config") or {}).get("metrics") or {}).get("names") or ["dice", "asd", "hd95"])
+    return metric_catalogue.columns(names)
+
+
+def _metrics_table(summary: Mapping[str, Any], organs: Sequence[str], names: Sequence[str]) -> pd.DataFrame:
     table = pd.DataFrame(summary.get("metrics", {})).T
-    table = table[[c for c in ("dice", "asd", "hd95") if c in table.columns]].astype(float)
+    table = table[[c for c in names if c in table.columns]].astype(float)
     table = table.loc[_organ_order(list(table.index), organs)]
     table.index.name = "organ"
     return table
@@ -327,7 +336,7 @@ def render(run: Mapping[str, Any], out: Path, max_cases: int) -> Path:
                     f'<p class="note" id="image-status"></p>')
     sections.append("<h2>Protocol</h2>" + _table(_facts(run)))
     organs = list((run["config"].get("task") or {}).get("organs") or [])
-    metrics = _metrics_table(s, organs)
+    metrics = _metrics_table(s, organs, run_metrics(run))
     unit = html.escape(str(s.get("asd_unit", "")))
     sections.append(f"<h2>Target-test metrics per organ</h2><p class='note'>Mean over test volumes; mean = mean of "
                     f"organ means; ASD and HD95 in {unit}.</p>" + _table(metrics))
@@ -339,7 +348,7 @@ def render(run: Mapping[str, Any], out: Path, max_cases: int) -> Path:
         part.append(f"<p class='note'>{html.escape(note)}</p>")
     for item in shown:
         part.append(f"<figure><img src='{item['png']}' alt='overlays of case {html.escape(item['case'])}'>"
-                    f"<figcaption>case {html.escape(item['case'])}, mean Dice {item['dice']:.3f}</figcaption></figure>")
+                    f"<figcaption>case {html.escape(item['case'])}, mean {item['metric']} {item['value']:.3f}</figcaption></figure>")
     sections.append("".join(part))
     diagnostics = s.get("diagnostics") or {}
     pl = _pseudo_label_table(diagnostics, organs, stage_labels(str(s.get("method", ""))))
@@ -384,7 +393,7 @@ def render(run: Mapping[str, Any], out: Path, max_cases: int) -> Path:
         sections.append("".join(part))
     sections.append("<h2>Timings</h2>" + _table(_timings_table(s), digits=1))
     if len(run["per_case"]):
-        cols = [c for c in ("case", "organ", "dice", "asd", "hd95", "gt_voxels", "pred_voxels") if c in run["per_case"]]
+        cols = [c for c in ("case", "organ", *run_metrics(run), "gt_voxels", "pred_voxels") if c in run["per_case"]]
         sections.append("<h2>Per case</h2>" + _table(run["per_case"][cols].set_index("case")))
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body>{''.join(sections)}<script>{SCRIPT}</script></body></html>\n")

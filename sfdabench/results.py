@@ -138,9 +138,9 @@ def locked(path: Path) -> Iterator[None]:
 #: Leaderboard / per_case columns read as numbers. Every other column (identifiers, protocol text, columns this
 #: version does not know) is kept as the exact string written: pandas' type guessing turned a hash such as
 #: ``5549378735e3`` into ``5549378735000.0`` and dropped leading zeros of ``000123456789``.
-METRIC_COLUMNS = ("dice", "asd", "hd95")
+#: Besides these, every registered metric's column is numeric (sfdabench.metric_catalogue).
 INTEGER_COLUMNS = ("seed", "n_cases", "train_threads", "gt_voxels", "pred_voxels")
-NUMERIC_COLUMNS = METRIC_COLUMNS + INTEGER_COLUMNS + ("runtime_s", "source_dice")
+NUMERIC_COLUMNS = INTEGER_COLUMNS + ("runtime_s", "source_dice")
 #: Columns renamed on reading (old name -> current name).
 LEGACY_COLUMNS = {"source_ckpt": "source_config"}
 _FALSE = ("false", "0", "no")
@@ -190,7 +190,7 @@ def _current_names(header: list[str]) -> list[str]:
 
 def read_rows(path: str | Path, numeric: tuple[str, ...] | list[str] = ()) -> pd.DataFrame:
     """A leaderboard or per_case CSV, read losslessly: every cell is first read as the exact string written
-    (no NaN guessing), then only :data:`NUMERIC_COLUMNS` (and ``numeric``, e.g. a metric plugin's columns) become
+    (no NaN guessing), then only :data:`NUMERIC_COLUMNS`, the registered metrics' columns (and ``numeric``) become
     numbers and ``sfda`` a bool (only an explicit false is not SFDA). Legacy ``source_ckpt`` is read as
     ``source_config``; a leaderboard without ``source_weights`` (rows written before weights were recorded)
     gets it empty. The only reader of these files: results, leaderboard, compare, ablate and report use it."""
@@ -216,7 +216,9 @@ def read_rows(path: str | Path, numeric: tuple[str, ...] | list[str] = ()) -> pd
             rows = rows.drop(columns=old)
     if "source_config" in rows and "source_weights" not in rows:
         rows.insert(rows.columns.get_loc("source_config"), "source_weights", "")  # not recorded
-    for col in dict.fromkeys([*NUMERIC_COLUMNS, *numeric]):
+    from sfdabench import metric_catalogue
+
+    for col in dict.fromkeys([*NUMERIC_COLUMNS, *metric_catalogue.names(), *numeric]):
         if col in rows:
             values = pd.to_numeric(rows[col].str.strip(), errors="coerce")
             whole = values.dropna()

@@ -65,3 +65,70 @@ def test_the_scan_finds_a_method_name_in_code(tmp_path):
     assert {"source_only", "oracle", "dfg"} <= words
     path.write_text('"""Cites dfg in prose."""\n')
     assert "dfg" not in {w for _, w in names_in_code(path)}
+
+
+def harness_imports(root: Path, package: str = "sfdabench") -> dict[str, set[str]]:
+    """Module -> the modules of ``package`` it imports, at any depth (lazy imports in functions included)."""
+    modules = {}
+    for path in root.rglob("*.py"):
+        name = ".".join((package, *path.relative_to(root).with_suffix("").parts))
+        modules[name.removesuffix(".__init__")] = path
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            deps |= {t for t in targets if t in modules and t != name and t != package}
+        graph[name] = deps
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected group of more than one module (Tarjan): each is an import circle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def test_the_harness_has_no_import_circle():
+    """config <- launch/prepare/ablate/source_cli, never the other way: an import circle (even through a lazy
+    import) means two modules that cannot be read, tested or replaced alone."""
+    assert import_cycles(harness_imports(HARNESS)) == []
+
+
+def test_the_circle_check_finds_a_lazy_circle(tmp_path):
+    (tmp_path / "a.py").write_text("import sfdabench.b\n")
+    (tmp_path / "b.py").write_text("def f():\n    from sfdabench.c import g\n")
+    (tmp_path / "c.py").write_text("def g():\n    from sfdabench import a\n")
+    (tmp_path / "d.py").write_text("from sfdabench import a\n")
+    assert import_cycles(harness_imports(tmp_path)) == [["sfdabench.a", "sfdabench.b", "sfdabench.c"]]

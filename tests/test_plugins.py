@@ -80,6 +80,45 @@ def _broken_site(tmp_path: Path) -> Path:
     return site
 
 
+def test_a_third_party_metric_flows_into_rows_tables_ranks_and_compare(example_plugin, plugin_cache, tmp_path):
+    """A metric plugin's column reaches the rows, the summary (ranked by its own direction: lower is better),
+    the Markdown table and compare, with no change to sfdabench."""
+    env = {"PYTHONPATH": str(example_plugin)}
+    results = tmp_path / "res"
+    out = run_cli("run", "-m", "method=source_only,example_bnstats", "metrics.names=[dice,asd,hd95,abs_volume_error]",
+                  f"results_dir={results}", f"cache_dir={plugin_cache}", *TINY_PHANTOM, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = pd.read_csv(results / "leaderboard.csv")
+    assert list(rows.columns[rows.columns.get_loc("organ") + 1:][:3]) == ["dice", "asd", "hd95"]  # schema order
+    assert rows["abs_volume_error"].notna().all()
+    out = run_cli("leaderboard", str(results), "--out", str(tmp_path / "board"), cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = pd.read_csv(tmp_path / "board" / "leaderboard_summary.csv")
+    mean = summary[summary.organ == "mean"].set_index("method")
+    best = mean["abs_volume_error_mean"].idxmin()
+    assert mean["abs_volume_error_mean"].nunique() == 2 and mean.loc[best, "rank_abs_volume_error"] == 1
+    assert "rank |dV|/V" in (tmp_path / "board" / "leaderboard_summary.md").read_text()
+    out = run_cli("compare", str(results), str(results), "--metric", "abs_volume_error", cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "abs_volume_error (lower is better)" in out.stdout and "Δ abs_volume_error" in out.stdout
+    out = run_cli("compare", str(results), str(results), "--metric", "abs_volume_error", cwd=tmp_path)
+    assert out.returncode == 2 and "invalid choice: 'abs_volume_error'" in out.stderr  # plugin not installed
+
+
+def test_a_third_party_package_adds_a_subcommand(example_plugin, tmp_path):
+    env = {"PYTHONPATH": str(example_plugin)}
+    out = run_cli("--help", cwd=tmp_path, env=env)
+    assert out.returncode == 0 and "example-methods [--sfda]" in out.stdout and "  run [overrides]" in out.stdout
+    out = run_cli("example-methods", "--sfda", cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "dfg" in out.stdout.split() and "oracle" not in out.stdout.split()
+    assert "example_bnstats" in out.stdout.split()
+    out = run_cli("example-methods", "--bogus", cwd=tmp_path, env=env)
+    assert out.returncode == 2 and out.stderr.strip() == "sfdabench: error: example-methods takes only --sfda, got --bogus"
+    out = run_cli("example-methods", cwd=tmp_path)  # not installed: not a command
+    assert out.returncode == 2 and "unknown command 'example-methods'" in out.stderr
+
+
 def test_broken_plugin_is_reported_and_the_rest_works(tmp_path):
     env = {"PYTHONPATH": str(_broken_site(tmp_path)), "SFDABENCH_STRICT_PLUGINS": "0"}  # CI sets it to 1
     out = run_cli("list", "methods", cwd=tmp_path, env=env)

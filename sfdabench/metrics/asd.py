@@ -37,6 +37,7 @@ class ASD(SurfaceDistanceMetric):
     description = ("average symmetric surface distance: mean of all border distances in both directions "
                    "(medpy 0.5.2 assd; asd_reduction=directed_mean for the papers'); unit mm or voxel")
     higher_is_better = False
+    label = "ASD"
 
     def __init__(self, cfg: Mapping[str, Any] | None = None):
         super().__init__(cfg)

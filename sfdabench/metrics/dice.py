@@ -24,6 +24,9 @@ class Dice(Metric):
     name = "dice"
     description = "Dice similarity coefficient 2|A∩B|/(|A|+|B|) (medpy dc); NaN if both masks are empty"
     higher_is_better = True
+    bounded = True
+    digits = 3
+    label = "Dice"
 
     def __init__(self, cfg: Mapping[str, Any] | None = None):
         super().__init__(cfg)

@@ -26,6 +26,7 @@ class HD95(SurfaceDistanceMetric):
     name = "hd95"
     description = "95th-percentile Hausdorff distance of the pooled border distances (medpy hd95); unit mm or voxel"
     higher_is_better = False
+    label = "HD95"
 
     def reduce(self, d_pred_to_gt: np.ndarray, d_gt_to_pred: np.ndarray) -> float:
         return float(np.percentile(np.concatenate((d_pred_to_gt, d_gt_to_pred)), 95))

@@ -235,6 +235,8 @@ class SurfaceDistanceMetric(Metric):
     """
 
     higher_is_better = False
+    digits = 2
+    spatial = True
 
     def __init__(self, cfg: Mapping[str, Any] | None = None):
         super().__init__(cfg)

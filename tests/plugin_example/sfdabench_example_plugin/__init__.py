@@ -1,9 +1,10 @@
-"""Example third-party plugin: BatchNorm statistics re-estimated on the target images, with an ablation grid."""
+"""Example third-party plugin: BatchNorm statistics re-estimated on the target images, with an ablation grid,
+a metric (``abs_volume_error``, lower is better) and a subcommand (``sfdabench example-methods``)."""
 import torch
 from torch import nn
 
 from sfdabench import hookimpl
-from sfdabench.api import Ablation, Context, Method, TargetImages, UsageError
+from sfdabench.api import Ablation, Command, Context, Method, Metric, TargetImages, UsageError
 
 
 class ResetAblation(Ablation):
@@ -57,3 +58,44 @@ def sfdabench_methods():
 @hookimpl
 def sfdabench_config_searchpath():
     return ["pkg://sfdabench_example_plugin.configs"]
+
+
+class ExampleMethods(Command):
+    """Print the methods that read target labels (a plugin's own subcommand)."""
+
+    name = "example-methods"
+    usage = "example-methods [--sfda]   the registered methods; --sfda: only the source-free ones"
+
+    @staticmethod
+    def main(args):
+        from sfdabench.plugins import get_registry
+
+        if any(a not in ("--sfda",) for a in args):
+            raise UsageError(f"example-methods takes only --sfda, got {' '.join(args)}")
+        for name, entry in get_registry().entries["methods"].items():
+            if "--sfda" not in args or not entry.obj.uses_target_labels:
+                print(name)
+        return 0
+
+
+@hookimpl
+def sfdabench_commands():
+    return [ExampleMethods]
+
+
+class AbsVolumeError(Metric):
+    """|V_pred - V_gt| / V_gt of one organ; NaN where the organ is absent from the ground truth."""
+
+    name = "abs_volume_error"
+    label = "|dV|/V"
+    higher_is_better = False
+    digits = 3
+
+    def __call__(self, pred, gt, spacing):
+        v_gt = float(gt.sum())
+        return abs(float(pred.sum()) - v_gt) / v_gt if v_gt else float("nan")
+
+
+@hookimpl
+def sfdabench_metrics():
+    return [AbsVolumeError]
