@@ -120,41 +120,78 @@ def flushes_denormals() -> bool:
     return bool((torch.tensor([1e-39], dtype=torch.float32) * 1.0).item() == 0.0)
 
 
+@dataclass
+class Run:
+    """One run between its phases: what :func:`_load` gathered, what the phases after it add."""
+
+    cfg: Mapping[str, Any]
+    registry: Registry
+    seed: int
+    device: torch.device
+    results_dir: Path
+    cache_dir: Path
+    method_cls: type[Method]
+    method: Method
+    variant: str
+    run_id: str
+    run_dir: Path
+    t_start: float
+    timings: dict[str, float] = field(default_factory=dict)
+    sam: Any = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    task: Task | None = None
+    source: Any = None
+    source_flag: str = ""
+
+
 def _execute(cfg: Mapping[str, Any], registry: Registry, run_dirs: list[Path]) -> dict[str, Any]:
+    run = _start(cfg, registry)
+    if (run.run_dir / "done").exists() and not cfg.get("force", False):
+        log.info("run %s is already done (force=true to run it again): %s", run.run_id, run.run_dir)
+        return json.loads((run.run_dir / "summary.json").read_text())
+    run_dirs.append(run.run_dir)  # removed by execute() unless the run finishes
+    progress = _load(run)
+    adapted, context = _adapt(run, progress)
+    return _record(run, adapted, context, progress)
+
+
+def _start(cfg: Mapping[str, Any], registry: Registry) -> Run:
+    """The process settings (threads, kernels, denormals), the method and the run's name: nothing loaded."""
     t_start = time.perf_counter()
-    plain = _plain(cfg)
     seed = int(cfg["seed"])
     device = resolve_device(str(cfg["device"]))
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg["num_threads"]))
     use_deterministic_kernels(bool(cfg.get("deterministic", True)))
     flush_denormals()  # up to 2x faster on some targets (determinism.flush_denormals)
-    results_dir, cache_dir = Path(cfg["results_dir"]), Path(cfg["cache_dir"])
-
+    results_dir = Path(cfg["results_dir"])
     method_cls: type[Method] = registry.get("methods", cfg["method"]["name"])
     method = method_cls(cfg["method"])
     variant = method.variant()
-    run_id = results.config_hash(plain)
+    run_id = results.config_hash(_plain(cfg))
     run_dir = results_dir / "runs" / run_name(cfg["task"]["name"], method_cls.name, variant, seed, run_id)
-    if (run_dir / "done").exists() and not cfg.get("force", False):
-        log.info("run %s is already done (force=true to run it again): %s", run_id, run_dir)
-        return json.loads((run_dir / "summary.json").read_text())
-    run_dirs.append(run_dir)  # removed by execute() unless the run finishes
+    return Run(cfg, registry, seed, device, results_dir, Path(cfg["cache_dir"]), method_cls, method, variant,
+               run_id, run_dir, t_start)
+
+
+def _load(run: Run):
+    """SAM, metrics, data, the run folder's config and environment, the source model; returns the progress
+    factory the later phases share."""
+    cfg, registry, device, cache_dir = run.cfg, run.registry, run.device, run.cache_dir
     # SAM before anything is trained: a missing, corrupt or wrong-architecture checkpoint must not cost a
     # source training and feature aggregation first. Built once and handed to the method.
-    sam = _build_sam(cfg["sam"], registry, device, cache_dir) if method.uses_sam else None
+    run.sam = _build_sam(cfg["sam"], registry, device, cache_dir) if run.method.uses_sam else None
     # Data and metrics first: a missing dataset or a bad metric setting stops before a run folder exists.
-    metrics = build_metrics(cfg["metrics"], registry)
-    timings: dict[str, float] = {}
+    run.metrics = build_metrics(cfg["metrics"], registry)
     t0 = time.perf_counter()
-    task = load_task(cfg["task"], registry, cache_dir)
-    timings["load_data"] = time.perf_counter() - t0
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run.task = load_task(cfg["task"], registry, cache_dir)
+    run.timings["load_data"] = time.perf_counter() - t0
+    run.run_dir.mkdir(parents=True, exist_ok=True)
     import yaml
 
-    results.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(plain, sort_keys=False))
+    results.atomic_write_text(run.run_dir / "config.yaml", yaml.safe_dump(_plain(cfg), sort_keys=False))
     plugins = {e.plugin: e.distribution for kind in registry.entries.values() for e in kind.values()}
-    results.write_json(run_dir / "environment.json", results.environment_record(plugins, str(device)))
+    results.write_json(run.run_dir / "environment.json", results.environment_record(plugins, str(device)))
 
     progress_enabled = bool(cfg.get("progress", True))
     from tqdm.auto import tqdm
@@ -163,25 +200,41 @@ def _execute(cfg: Mapping[str, Any], registry: Registry, run_dirs: list[Path]) -
         return tqdm(iterable, disable=not progress_enabled, leave=False, dynamic_ncols=True, **kw)
 
     t0 = time.perf_counter()
-    source = source_model.train_or_load(task, cfg["source"], seed, device, cache_dir, metrics, progress)
-    timings["source_model"] = time.perf_counter() - t0
-    source_flag = weak_source_flag(source.meta.get("in_domain_dice") or {}, task.organs, cfg.get("source_min_dice"))
-    if source_flag:
+    run.source = source_model.train_or_load(run.task, cfg["source"], run.seed, device, cache_dir, run.metrics,
+                                            progress)
+    run.timings["source_model"] = time.perf_counter() - t0
+    run.source_flag = weak_source_flag(run.source.meta.get("in_domain_dice") or {}, run.task.organs,
+                                       cfg.get("source_min_dice"))
+    if run.source_flag:
         log.warning("source model %s is weak: %s (source_min_dice); its target results say little about "
-                    "adaptation", source.weights, source_flag)
+                    "adaptation", run.source.weights, run.source_flag)
+    return progress
 
-    target_train = task.target.splits["train"]
+
+def _adapt(run: Run, progress) -> tuple[torch.nn.Module, Context]:
+    """The method adapts a copy of the source model to the target-train images (no labels)."""
+    cfg, registry, device, cache_dir, sam = run.cfg, run.registry, run.device, run.cache_dir, run.sam
+    target_train = run.task.target.splits["train"]
     context = Context(
-        device=device, seed=seed, cache_dir=cache_dir, run_dir=run_dir, organs=task.organs,
+        device=device, seed=run.seed, cache_dir=cache_dir, run_dir=run.run_dir, organs=run.task.organs,
         sam_factory=(lambda: sam) if sam is not None else lambda: _build_sam(cfg["sam"], registry, device,
                                                                              cache_dir),
         # measured against target-train labels the method never sees; none for an unlabelled target
-        target_labels=TargetLabelDiagnostics.of(target_train, task.organs, progress),
-        allow_labels=method_cls.uses_target_labels, progress=progress_enabled)
-    seed_everything(seed)
+        target_labels=TargetLabelDiagnostics.of(target_train, run.task.organs, progress),
+        allow_labels=run.method_cls.uses_target_labels, progress=bool(cfg.get("progress", True)))
+    seed_everything(run.seed)
     t0 = time.perf_counter()
-    adapted = method.adapt(copy.deepcopy(source.model).to(device), TargetImages(target_train), context)
-    timings["adapt"] = time.perf_counter() - t0
+    adapted = run.method.adapt(copy.deepcopy(run.source.model).to(device), TargetImages(target_train), context)
+    run.timings["adapt"] = time.perf_counter() - t0
+    return adapted, context
+
+
+def _record(run: Run, adapted: torch.nn.Module, context: Context, progress) -> dict[str, Any]:
+    """Evaluate on target-test, then write per_case.csv, predictions, summary.json, the leaderboard rows and
+    the done marker (last: a run folder without it is unfinished)."""
+    cfg, task, source, metrics, device = run.cfg, run.task, run.source, run.metrics, run.device
+    method_cls, run_dir, timings = run.method_cls, run.run_dir, run.timings
+    target_train = task.target.splits["train"]
     t0 = time.perf_counter()
     predictions: list[np.ndarray] = []
     per_case, table = evaluate(adapted, task.target.splits["test"], task.organs, metrics, device=device,
@@ -192,33 +245,34 @@ def _execute(cfg: Mapping[str, Any], registry: Registry, run_dirs: list[Path]) -
     context.diagnostics["prediction_share"] = {
         stage: prediction_shares(model, target_train, task.organs, device, int(cfg["eval"]["batch_size"]))
         for stage, model in (("source_model", source.model), ("adapted", adapted))}
-    runtime = time.perf_counter() - t_start
+    runtime = time.perf_counter() - run.t_start
 
     from sfdabench.metrics import empty_policy_tag
 
     protocol = {
-        "task": task.name, "method": method_cls.name, "variant": variant, "seed": seed,
+        "task": task.name, "method": method_cls.name, "variant": run.variant, "seed": run.seed,
         # The unit of every spatial metric (ASD, HD95, a plugin's distance): the rows' one distance unit.
         "asd_unit": next((m.unit for m in metrics.values() if getattr(m, "spatial", False)), ""),
         "empty_policy": empty_policy_tag(cfg["metrics"]), "selection": method_cls.selection,
         "source_weights": source.weights, "source_config": source.key,
         "train_threads": source.meta.get("train_threads", ""),
         "source_dice": (source.meta.get("in_domain_dice") or {}).get("mean", float("nan")),
-        "source_flag": source_flag, "sfda": not method_cls.uses_target_labels,
-        "sam": _sam_tag(cfg["sam"]) if method.uses_sam else "",
+        "source_flag": run.source_flag, "sfda": not method_cls.uses_target_labels,
+        "sam": _sam_tag(cfg["sam"]) if run.method.uses_sam else "",
         "data_protocol": task.data_protocol, "n_cases": len(task.target.splits["test"]),
-        "config_hash": run_id, "run_id": run_id, "git_rev": results.git_revision(),
+        "config_hash": run.run_id, "run_id": run.run_id, "git_rev": results.git_revision(),
         "sfdabench_version": results.version("sfdabench"),
         "metric_version": f"{METRIC_VERSION};asd={cfg['metrics'].get('asd_reduction', 'union')}",
     }
-    per_case.insert(0, "run_id", run_id)
+    per_case.insert(0, "run_id", run.run_id)
     results.atomic_write_text(run_dir / "per_case.csv", per_case.to_csv(index=False))
     if cfg["eval"].get("save_predictions", True):  # for `sfdabench report` (uint8, compressed: small)
         results.save_predictions(run_dir / "predictions.npz",
                                  {c.case_id: p for c, p in zip(task.target.splits["test"], predictions)})
     summary = {
         **protocol, "runtime_s": runtime, "finished_at": results.now_iso(),
-        "source": {"checkpoint": str(source.path), "weights": source.weights, "flag": source_flag, **source.meta},
+        "source": {"checkpoint": str(source.path), "weights": source.weights, "flag": run.source_flag, **source.meta},
+        "metric_names": list(metrics),  # the run's order (JSON keys below are written sorted)
         "metrics": {organ: {k: _nan_to_none(v) for k, v in row.items()} for organ, row in table.iterrows()},
         "timings": {**timings, **{f"adapt/{k}": v for k, v in context.timings.items()}},
         "diagnostics": context.diagnostics, "run_dir": str(run_dir),
@@ -227,7 +281,7 @@ def _execute(cfg: Mapping[str, Any], registry: Registry, run_dirs: list[Path]) -
     rows = table.reset_index()[["organ", *[m for m in metrics if m in table.columns]]]
     for key, value in {**protocol, "runtime_s": round(runtime, 2), "finished_at": summary["finished_at"]}.items():
         rows[key] = value
-    results.append_rows(results_dir / "leaderboard.csv", rows)
+    results.append_rows(run.results_dir / "leaderboard.csv", rows)
     (run_dir / "done").write_text(summary["finished_at"] + "\n")
     return summary
 
@@ -279,7 +333,10 @@ def weak_source_flag(in_domain: Mapping[str, float], organs: list[str], minimum:
 def format_table(summary: Mapping[str, Any]) -> str:
     """The per-organ table printed at the end of a run."""
     table = pd.DataFrame(summary["metrics"]).T
-    table = table.astype(float)  # the run's metrics, in its order
+    from sfdabench import metric_catalogue
+
+    names = summary.get("metric_names") or metric_catalogue.columns(table.columns)
+    table = table[[c for c in names if c in table.columns]].astype(float)
     head = (f"{summary['task']} | {summary['method']} ({summary['variant']}) | seed {summary['seed']} | "
             f"ASD/HD95 in {summary['asd_unit']} | source weights {summary['source_weights']} | "
             f"selection {summary['selection']}" + ("" if summary["sfda"] else " | NOT SFDA (uses target labels)"))
