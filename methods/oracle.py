@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from sfdabench.api import Case, Context, Method, SliceDataset, TargetImages
+from sfdabench.api import Context, Method, TargetImages
 from sfdabench.hookspecs import hookimpl
 from sfdabench.nets import build_segmenter
 from sfdabench.training import train_supervised, training_recipe
@@ -37,17 +37,10 @@ class Oracle(Method):
             model = source_model
         else:
             raise ValueError(f"oracle: init must be 'source' or 'scratch', got {self.cfg['init']!r}")
-        cases = _labelled_cases(target_train, context)
         with context.phase("supervised_training"):
-            train_supervised(model, SliceDataset(cases, labels=True), self.recipe, device=context.device,
+            train_supervised(model, target_train.labelled(context.target_train_labels()), self.recipe, device=context.device,
                              generator=context.generator(), progress=context.progress, desc="oracle training")
         return model
-
-
-def _labelled_cases(target_train: TargetImages, context: Context):
-    labels = context.target_train_labels()
-    return [Case(cid, target_train.volume(i), labels[i], target_train.spacings[i])
-            for i, cid in enumerate(target_train.case_ids)]
 
 
 @hookimpl

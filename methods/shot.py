@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sfdabench.api import Case, Context, Method, SliceDataset, TargetImages
+from sfdabench.api import Context, Method, TargetImages
 from sfdabench.hookspecs import hookimpl
 from sfdabench.self_training import class_shares, mean_target_prediction
 from sfdabench.training import Augment, forever, loader, make_optimizer
@@ -215,9 +215,7 @@ class SHOT(Method):
                     labels = clustering_pseudo_labels(model, target_train, cfg, context, pixel_gen)
                 context.pseudo_label_quality(f"clustering_step{step}", labels)
                 shares.append(class_shares(labels, ["background", *context.organs]))
-                cases = [Case(cid, target_train.volume(i), labels[i], target_train.spacings[i])
-                         for i, cid in enumerate(target_train.case_ids)]
-                batches = forever(loader(SliceDataset(cases, labels=True), batch_size, data_gen, drop_last=False))
+                batches = forever(loader(target_train.labelled(labels), batch_size, data_gen, drop_last=False))
                 model.train()
             lr = base_lr * (1 + float(cfg["lr_decay_gamma"]) * step / total) ** -float(cfg["lr_decay_power"])
             for group in opt.param_groups:

@@ -113,6 +113,14 @@ class TargetImages(SliceDataset):
         """The (Z, H, W) image volume of one case (for 3D steps such as connectivity post-processing)."""
         return self._images[case_index]
 
+    def labelled(self, labels: Sequence[np.ndarray]) -> SliceDataset:
+        """These images paired with label volumes (pseudo-labels, or the oracle's target labels), in case order:
+        the training set of a method that trains on its own labels."""
+        if len(labels) != len(self.case_ids):
+            raise ValueError(f"{len(labels)} label volumes for {len(self.case_ids)} target-train cases")
+        cases = [Case(cid, self.volume(i), labels[i], self.spacings[i]) for i, cid in enumerate(self.case_ids)]
+        return SliceDataset(cases, labels=True)
+
 
 # --------------------------------------------------------------------------------------------- SAM
 

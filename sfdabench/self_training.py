@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sfdabench.api import Case, Context, SliceDataset, TargetImages
+from sfdabench.api import Context, SliceDataset, TargetImages
 from sfdabench.losses import soft_dice_loss
 from sfdabench.training import Augment, fit, loader
 
@@ -151,9 +151,7 @@ def pseudo_label_loss(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch
 
 def pseudo_label_dataset(target_train: TargetImages, labels: Sequence[np.ndarray]) -> SliceDataset:
     """Target-train slices paired with pseudo-label volumes (in TargetImages order)."""
-    cases = [Case(cid, target_train.volume(i), labels[i], target_train.spacings[i])
-             for i, cid in enumerate(target_train.case_ids)]
-    return SliceDataset(cases, labels=True)
+    return target_train.labelled(labels)
 
 
 def train_on_pseudo_labels(model: nn.Module, target_train: TargetImages, labels: Sequence[np.ndarray],

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from sfdabench.api import Case, Context, Method, SliceDataset, TargetImages
+from sfdabench.api import Context, Method, TargetImages
 from sfdabench.training import predict_target, train_supervised
 
 from .feature_aggregation import feature_aggregation
@@ -81,9 +81,7 @@ class DFG(Method):
                 pseudo = [connectivity_postprocess(v, context.num_classes) for v in pseudo]
             context.pseudo_label_quality("cp", pseudo)
 
-        cases = [Case(cid, target_train.volume(i), pseudo[i], target_train.spacings[i])
-                 for i, cid in enumerate(target_train.case_ids)]
         with context.phase("retrain"):
-            train_supervised(model, SliceDataset(cases, labels=True), self.cfg["retrain"], device=context.device,
+            train_supervised(model, target_train.labelled(pseudo), self.cfg["retrain"], device=context.device,
                              generator=context.generator(offset=2), progress=context.progress, desc="retraining")
         return model
