@@ -354,7 +354,9 @@ def preprocess_volume(raw: RawVolume, labels: LabelMapping, settings: Preprocess
 
 
 def settings_hash(settings: Mapping[str, Any]) -> str:
-    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    from sfdabench.results import stable_hash
+
+    return stable_hash(settings)
 
 
 def file_stamps(paths: Sequence[Path]) -> dict[str, list[int]]:

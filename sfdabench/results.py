@@ -37,10 +37,18 @@ LEADERBOARD_COLUMNS = [
 #: ``source_flag``: the source model's in-domain mean Dice, and why it is below ``source_min_dice`` (or "").
 
 
+def stable_hash(obj: Any, n: int = 12) -> str:
+    """The one content hash of settings (run ids, source-model cache keys, prepared-data cache): SHA-1 of the
+    JSON with sorted keys, first ``n`` hex digits. OmegaConf containers hash as their plain values."""
+    from sfdabench.api import _plain
+
+    return hashlib.sha1(json.dumps(_plain(obj), sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
 def config_hash(resolved: Mapping[str, Any]) -> str:
     """Stable hash of a resolved config (keys sorted), ignoring where results go and CPU thread count."""
-    cfg = {k: v for k, v in resolved.items() if k not in ("results_dir", "cache_dir", "progress", "hydra", "num_threads")}
-    return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return stable_hash({k: v for k, v in resolved.items()
+                        if k not in ("results_dir", "cache_dir", "progress", "hydra", "num_threads")})
 
 
 def git_revision() -> str:

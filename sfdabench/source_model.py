@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from sfdabench import atomic, results
+from sfdabench.results import stable_hash
 from sfdabench.api import SfdaBenchError, SliceDataset, _plain
 from sfdabench.determinism import seed_everything
 from sfdabench.nets import build_segmenter
@@ -42,10 +43,6 @@ class SourceCheckpoint:
     weights: str              # source_weights: SHA-256 prefix of the checkpoint file
     path: Path
     meta: dict[str, Any]      # recipe facts stored in the file + the sidecar's wall-clock facts
-
-
-def stable_hash(obj: Any, n: int = 12) -> str:
-    return hashlib.sha1(json.dumps(_plain(obj), sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
 def config_key(task, source_cfg: Mapping[str, Any], seed: int) -> str:
