@@ -21,6 +21,7 @@ from torch import nn
 from sfdabench.api import Context, Method, TargetImages
 from sfdabench.hookspecs import hookimpl
 from sfdabench.sam.ceiling import gt_box_pseudo_labels
+from sfdabench.sam.masks import scale_pixels
 from sfdabench.self_training import train_on_pseudo_labels
 from sfdabench.training import training_recipe
 
@@ -41,8 +42,8 @@ class BoxCeiling(Method):
         return "gt-box" if self.recipe_name == "dfg" else f"gt-box+{self.recipe_name}-recipe"
 
     def adapt(self, source_model: nn.Module, target_train: TargetImages, context: Context) -> nn.Module:
-        side = target_train.shapes[0][1]
-        margin = max(1, int(float(self.cfg["box_margin"]) * side / float(self.cfg["reference_size"]) + 0.5))
+        size = tuple(target_train.shapes[0][1:])
+        margin = scale_pixels(self.cfg["box_margin"], size, self.cfg["reference_size"], "length")
         labels = context.target_train_labels()
         with context.phase("gt_box_pseudo_labels"):
             pseudo, stats = gt_box_pseudo_labels(

@@ -33,7 +33,7 @@ from torch import nn
 
 from sfdabench.api import Context, Method, SamBackend, SamEmbedding, TargetImages
 from sfdabench.hookspecs import hookimpl
-from sfdabench.sam.masks import box_around, largest_contour
+from sfdabench.sam.masks import box_around, largest_contour, scale_pixels
 from sfdabench.self_training import new_volumes, target_batches, train_on_pseudo_labels
 
 SCORE_BACKGROUND, SCORE_SAM, SCORE_FALLBACK = 0.5, 2.0, 1.0      # DFG's merge (spec 4.4)
@@ -41,9 +41,8 @@ SCORE_BACKGROUND, SCORE_SAM, SCORE_FALLBACK = 0.5, 2.0, 1.0      # DFG's merge (
 
 def scaled_settings(cfg: Mapping[str, Any], size: tuple[int, int]) -> tuple[int, int]:
     """(min_pixels, box_margin) for slices of ``size``: counts scale with area, lengths with side (>= 1)."""
-    ref = float(cfg["reference_size"])
-    area, side = size[0] * size[1] / ref**2, size[0] / ref
-    return max(1, int(float(cfg["min_pixels"]) * area + 0.5)), max(1, int(float(cfg["box_margin"]) * side + 0.5))
+    ref = cfg["reference_size"]
+    return (scale_pixels(cfg["min_pixels"], size, ref, "area"), scale_pixels(cfg["box_margin"], size, ref, "length"))
 
 
 def refine_slice(probs: np.ndarray, sam: SamBackend, embed: Callable[[], SamEmbedding], *, threshold: float,

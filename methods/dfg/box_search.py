@@ -90,7 +90,7 @@ import torch
 import torch.nn.functional as F
 
 from sfdabench.api import SamBackend, SamEmbedding
-from sfdabench.sam.masks import Box, box_around, largest_contour  # noqa: F401 (re-exported)
+from sfdabench.sam.masks import Box, box_around, largest_contour, round_half_up  # noqa: F401 (re-exported)
 
 SEARCH_VARIANTS = ("naive", "tbs", "mbs", "dbs")
 OUTCOMES = ("absent", "sam", "fallback")
@@ -244,9 +244,7 @@ class BoxSearchConfig:
         return self.max_steps[class_index - 1]
 
 
-def _round_half_up(x: float) -> int:
-    # Python's round() is banker's rounding (12.5 -> 12); half-up is the rule one would do by hand.
-    return int(math.floor(x + 0.5))
+_round_half_up = round_half_up  # the shared rule (sfdabench.sam.masks)
 
 
 def _steps_in_class_order(steps: Any, organs: list[str] | None) -> tuple[int, ...]:
