@@ -19,7 +19,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_ROOT / "benchmarks"))
 sys.path.insert(0, str(_ROOT / "tests"))
 from reference_box_search import reference_search_slice  # noqa: E402  (also makes sfdabench_methods importable)
-from test_box_search import SyntheticSlice, random_slice  # noqa: E402
+from helpers_box_search import SyntheticSlice, random_slice  # noqa: E402
 
 from sfdabench_methods.dfg.box_search import BoxSearchConfig, search_slice  # noqa: E402
 

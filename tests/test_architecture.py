@@ -132,3 +132,46 @@ def test_the_circle_check_finds_a_lazy_circle(tmp_path):
     (tmp_path / "c.py").write_text("def g():\n    from sfdabench import a\n")
     (tmp_path / "d.py").write_text("from sfdabench import a\n")
     assert import_cycles(harness_imports(tmp_path)) == [["sfdabench.a", "sfdabench.b", "sfdabench.c"]]
+
+
+def imported_test_modules(source: str, filename: str = "<string>") -> list[tuple[int, str, str | None]]:
+    """(line, module, name) of every import of a test module (``test_*``) in this source, at any depth (lazy
+    imports in functions included); name is None for ``import test_x``, a relative module starts with dots."""
+    def is_test(module: str) -> bool:
+        return any(part.startswith("test_") for part in module.split("."))
+
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name, None) for a in node.names if is_test(a.name)]
+        elif isinstance(node, ast.ImportFrom):
+            module = "." * node.level + (node.module or "")     # also: from tests import test_x
+            found += [(node.lineno, module, a.name) for a in node.names if is_test(module) or is_test(a.name)]
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str) and is_test(node.args[0].value) \
+                and getattr(node.func, "id", getattr(node.func, "attr", None)) in ("import_module", "__import__"):
+            found.append((node.lineno, node.args[0].value, None))
+    return sorted(found, key=lambda hit: (hit[0], hit[1], hit[2] or ""))
+
+
+def test_no_test_module_imports_another():
+    """What test modules share lives in tests/helpers_*.py (plain helpers) and tests/conftest.py (fixtures): a
+    test module imported by another couples the two (running one runs the other's module code, an imported
+    fixture needs a noqa, an imported ``test_`` function is collected twice)."""
+    tests = REPO / "tests"
+    hits = [f"tests/{path.name}:{line}: " + (f"from {module} import {name}" if name else f"import {module}")
+            for path in sorted(tests.glob("*.py"))
+            for line, module, name in imported_test_modules(path.read_text(), str(path))]
+    assert not hits, ("test modules import other test modules (move what they share to tests/helpers_*.py or, "
+                      "for fixtures, tests/conftest.py):\n" + "\n".join(hits))
+
+
+def test_the_scan_finds_an_import_of_a_test_module():
+    """The check above can fail: from-, plain, relative and lazy imports and import_module are all seen."""
+    source = ("from test_dfg import x, y\nimport test_box_search as tb\nfrom tests import test_cli\n"
+              "def f():\n    from .test_prepare import z\n    importlib.import_module('test_leaderboard')\n")
+    assert imported_test_modules(source) == [
+        (1, "test_dfg", "x"), (1, "test_dfg", "y"), (2, "test_box_search", None), (3, "tests", "test_cli"),
+        (5, ".test_prepare", "z"), (6, "test_leaderboard", None)]
+    shared = "import conftest\nfrom conftest import REPO\nfrom helpers_methods import ORGANS\nimport pytest\n"
+    assert imported_test_modules(shared) == []

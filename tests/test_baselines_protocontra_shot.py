@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from conftest import REPO
+from helpers_methods import ORGANS, make_context, synthetic_cases
 from sfdabench.api import TargetImages
 from sfdabench.losses import bidirectional_transport_loss
 from sfdabench.nets import build_segmenter
 from sfdabench_methods.protocontra import (NegativeBank, ProtoContra, contrastive_loss, prototype_feature_alignment,
                                            pseudo_label_ce, reliability_masks, stepped_lr, update_class_prior)
 from sfdabench_methods.shot import SHOT, cluster_centroids, information_maximisation, nearest_centroid
-from test_dfg import ORGANS, make_context, synthetic_cases
 
 K = len(ORGANS) + 1
 

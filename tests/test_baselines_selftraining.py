@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers_methods import ORGANS, ThresholdSam, make_context, synthetic_cases
 from sfdabench.api import SamBackend, SamEmbedding, TargetImages
 from sfdabench.nets import build_segmenter
 from sfdabench.self_training import (IGNORE, bn_layers, masked_cross_entropy, mean_target_prediction,
@@ -23,7 +24,6 @@ from sfdabench_methods.dpl import (denoised_pseudo_labels, mc_dropout_mode, mc_p
 from sfdabench_methods.pseudo_label import entropy_filtered_pseudo_labels
 from sfdabench_methods.sam_refine import refine_slice, sam_pseudo_labels
 from sfdabench_methods.tent import Tent
-from test_dfg import ORGANS, ThresholdSam, make_context, synthetic_cases
 
 K = len(ORGANS) + 1
 

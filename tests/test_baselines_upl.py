@@ -11,13 +11,13 @@ from omegaconf import OmegaConf
 from scipy import ndimage
 from torch import nn
 
+from helpers_methods import ORGANS, make_context, synthetic_cases
 from sfdabench.api import TargetImages
 from sfdabench.config import compose_run_config
 from sfdabench.nets import build_segmenter
 from sfdabench_methods.upl_sfda import (UPLSFDA, SlabBatches, UPLSegmenter, largest_component_per_class,
                                         mean_prediction_entropy, random_quarter_turns, reliable_pseudo_labels,
                                         slab_windows, upl_dice_loss)
-from test_dfg import ORGANS, make_context, synthetic_cases
 
 K = len(ORGANS) + 1
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
+from helpers_methods import ORGANS, ThresholdSam, dfg_cfg, make_context, method_config, synthetic_cases
 from sfdabench.api import SfdaBenchError, TargetImages
 from sfdabench.evaluation import dice_per_organ
 from sfdabench.plugins import get_registry
 from sfdabench.sam.ceiling import gt_box_pseudo_labels, gt_box_slice
 from sfdabench_methods.dfg.method import DFG
-from test_dfg import ORGANS, ThresholdSam, dfg_cfg, make_context, source_model, synthetic_cases  # noqa: F401
 
 DFG_MERGE = (0.5, 2.0)      # (background, SAM mask) scores of DFG's class merge
 
@@ -52,7 +52,7 @@ def test_slice_without_organs_is_not_embedded_and_merge_prefers_lower_class():
     assert outcomes == {2: "sam", 4: "sam"} and (merged == 2).all()   # overlap: the lower class wins (spec 4.4)
 
 
-def test_dfg_records_ceiling_and_efficiency(tmp_path, source_model):  # noqa: F811
+def test_dfg_records_ceiling_and_efficiency(tmp_path, source_model):
     target = synthetic_cases(1, 5)
     ctx, _ = make_context(tmp_path, [c.label for c in target], images=[c.image for c in target])
     DFG(dfg_cfg(**{"fa.enabled": False})).adapt(copy.deepcopy(source_model), TargetImages(target), ctx)
@@ -89,12 +89,10 @@ def test_box_ceiling_method_is_a_labelled_diagnostic(tmp_path):
     assert "not SFDA" in line
 
 
-def test_box_ceiling_method_cannot_run_without_labels(tmp_path, source_model):  # noqa: F811
+def test_box_ceiling_method_cannot_run_without_labels(tmp_path, source_model):
     target = synthetic_cases(1, 6)
     ctx, _ = make_context(tmp_path, [c.label for c in target])      # labels not allowed: an SFDA context
     cls = get_registry().get("methods", "box_ceiling")
-    from test_method_contract import method_config
-
     with pytest.raises(SfdaBenchError, match="not available to source-free methods"):
         cls(method_config("box_ceiling")).adapt(copy.deepcopy(source_model), TargetImages(target), ctx)
 

@@ -13,8 +13,8 @@ from scipy import ndimage
 from torch import nn
 
 from conftest import REPO
-from test_box_search import (NUM_CLASSES, FakeSam, SyntheticSlice, _assert_same_as_reference, _ellipse,
-                             _signed_distance, dice, random_slice, run)
+from helpers_box_search import (NUM_CLASSES, FakeSam, SyntheticSlice, _assert_same_as_reference, _ellipse,
+                                _signed_distance, dice, random_slice, run)
 
 from sfdabench import ablate
 from sfdabench.api import Case, Context, TargetImages, UsageError

@@ -7,105 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from conftest import REPO
-from sfdabench.api import Case, Context, SamBackend, SamEmbedding, TargetImages
+from helpers_methods import ORGANS, dfg_cfg, make_context, synthetic_cases
+from sfdabench.api import TargetImages
 from sfdabench.losses import bidirectional_transport_loss
-from sfdabench.nets import build_segmenter
 from sfdabench_methods.dfg.feature_aggregation import feature_aggregation
 from sfdabench_methods.dfg.method import DFG
-
-ORGANS = ["spleen", "right_kidney", "left_kidney", "liver"]
-
-
-class ThresholdSam(SamBackend):
-    """Fake SAM: the bright pixels (> 0.45) inside the box. Too small a box cuts the organ: box-sensitive."""
-
-    name = "threshold"
-
-    def __init__(self):
-        super().__init__({}, torch.device("cpu"))
-        self.calls = 0
-
-    def embed(self, image):
-        small = torch.nn.functional.avg_pool2d(torch.from_numpy(image)[None, None].float(), 4)[0]
-        feats = torch.cat([small, 1 - small, small ** 2], 0)
-        return SamEmbedding(feats, image.shape, {"image": image})
-
-    def decode(self, embedding, box):
-        self.calls += 1
-        image = embedding.extra["image"]
-        x0, y0, x1, y1 = (int(round(v)) for v in box)
-        mask = np.zeros(image.shape, bool)
-        mask[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1] = image[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1] > 0.45
-        return mask
-
-
-def synthetic_cases(n: int, seed: int, size: int = 48, slices: int = 3) -> list[Case]:
-    """Blobs of distinct brightness per organ on a dark background."""
-    rng = np.random.default_rng(seed)
-    cases = []
-    yy, xx = np.mgrid[:size, :size]
-    for i in range(n):
-        image = rng.normal(0.1, 0.02, (slices, size, size)).astype(np.float32)
-        label = np.zeros((slices, size, size), np.uint8)
-        centres = [(12, 36), (34, 12), (34, 36), (14, 12)]
-        for k, (cy, cx) in enumerate(centres, start=1):
-            cy, cx = cy + rng.integers(-2, 3), cx + rng.integers(-2, 3)
-            r = 6 + rng.integers(0, 3)
-            blob = (yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2
-            label[:, blob] = k
-            image[:, blob] = 0.5 + 0.1 * k + rng.normal(0, 0.02, (slices, blob.sum()))
-        cases.append(Case(f"syn{seed}-{i}", np.clip(image, 0, 1), label, (5.0, 2.0, 2.0)))
-    return cases
-
-
-def dfg_cfg(**changes):
-    """dfg.yaml as Hydra composes it (its retraining recipe comes from configs/recipe/), tiny budgets."""
-    from sfdabench.config import compose_run_config
-
-    cfg = compose_run_config(["method=dfg"])
-    OmegaConf.resolve(cfg)
-    cfg = cfg.method
-    OmegaConf.set_struct(cfg, False)
-    cfg.fa.iterations = 3
-    cfg.fa.batch_size = 4
-    cfg.retrain.epochs = 1
-    cfg.retrain.steps = None              # the epoch budget: one pass
-    cfg.retrain.batch_size = 4
-    for key, value in changes.items():
-        OmegaConf.update(cfg, key, value)
-    return cfg
-
-
-def make_context(tmp_path, labels, sam=None, images=None):
-    """A Context as the harness builds it: target-label diagnostics of these labels; with ``images`` (the
-    slices the labels belong to) also the box-prompt ceilings."""
-    from sfdabench.label_diagnostics import TargetLabelDiagnostics
-
-    slices = images if images is not None else [np.zeros(lab.shape, np.float32) for lab in labels]
-    cases = [Case(str(i), im, lab, (1.0, 1.0, 1.0)) for i, (im, lab) in enumerate(zip(slices, labels))]
-    diagnostics = TargetLabelDiagnostics(cases, ORGANS, box_prompts=images is not None)
-    sam = sam or ThresholdSam()
-    ctx = Context(device=torch.device("cpu"), seed=0, cache_dir=tmp_path / "cache", run_dir=tmp_path / "run",
-                  organs=ORGANS, sam_factory=lambda: sam, target_labels=diagnostics, progress=False)
-    return ctx, sam
-
-
-@pytest.fixture(scope="module")
-def source_model():
-    """A tiny U-Net trained briefly on the synthetic source cases."""
-    from sfdabench.api import SliceDataset
-    from sfdabench.training import train_supervised
-
-    torch.manual_seed(0)
-    model = build_segmenter({"width": 4, "depth": 2}, 5)
-    cfg = {"epochs": 80, "batch_size": 6, "lr": 1e-2, "loss": "ce+dice", "augment": {"enabled": False}}
-    train_supervised(model, SliceDataset(synthetic_cases(4, 0), labels=True), cfg, device=torch.device("cpu"),
-                     generator=torch.Generator().manual_seed(0))
-    return model
-
 
 def test_transport_loss_matches_the_formula():
     torch.manual_seed(0)

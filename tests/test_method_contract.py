@@ -11,36 +11,14 @@ import copy
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
+from helpers_methods import ORGANS, ThresholdSam, make_context, method_config, synthetic_cases
 from sfdabench.api import TargetImages
 from sfdabench.plugins import get_registry
-from sfdabench.prepare import compose_run_config
-from test_dfg import ORGANS, ThresholdSam, make_context, synthetic_cases
 
 METHODS = get_registry().names("methods")
 #: methods that return the source model unchanged by design
 NO_TRAINING = {"source_only"}
-
-
-def shrink_budget(node) -> None:
-    for key in list(node.keys()):
-        value = node[key]
-        if OmegaConf.is_dict(value):
-            shrink_budget(value)
-        elif key in ("epochs", "iterations") or (key == "steps" and value is not None):
-            node[key] = min(int(value), 2)
-        elif key == "batch_size":
-            node[key] = 4
-
-
-def method_config(name: str):
-    cfg = compose_run_config([f"method={name}", "preset=test"])
-    OmegaConf.resolve(cfg)
-    method_cfg = cfg.method
-    OmegaConf.set_struct(method_cfg, False)
-    shrink_budget(method_cfg)
-    return method_cfg
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLE_DATA_ENV, run_cli
+from helpers_datasets import adapter, toy_abdomen, write_btcv, write_nifti
 from sfdabench.api import SfdaBenchError
-from test_datasets_real import adapter, toy_abdomen, write_btcv, write_nifti
 
 
 @pytest.fixture

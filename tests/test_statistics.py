@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 from scipy import stats as scipy_stats
 
+from helpers_leaderboard import write_run
 from sfdabench import leaderboard as lb, statistics as st
 from sfdabench.cli import main
-from test_leaderboard import write_run
 
 
 def test_t_interval_matches_scipy_and_needs_two_values():

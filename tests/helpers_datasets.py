@@ -1,0 +1,70 @@
+"""A labelled toy abdomen in the display frame, written out as NIfTI files (any orientation) and in the BTCV raw
+layout, and the real-data adapters built on such files. Shared by tests/test_datasets_real.py and
+tests/test_prepare.py."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from sfdabench.plugins import get_registry
+
+ORGANS = ["spleen", "right_kidney", "left_kidney", "liver"]           # the task order: labels 1..4
+SPACING = (6.0, 1.5, 1.25)                                            # display frame (z, y, x) mm
+
+
+def adapter(name: str, params: dict, tmp_path: Path, splits: dict | None = None, **domain):
+    cfg = {"dataset": name, "params": {"size": 24, **params}, "splits": splits or {}, **domain}
+    return get_registry().get("datasets", name)(cfg, ORGANS, tmp_path / "cache")
+
+
+def toy_abdomen(z: int = 12, h: int = 24, w: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """(image, task labels) in the display frame: slice 0 superior, row 0 anterior, column 0 patient right.
+    Liver image-left and anterior, spleen image-right, kidneys posterior; two empty slices at each end."""
+    label = np.zeros((z, h, w), np.uint8)
+    organs = slice(2, z - 2)
+    label[organs, 3:11, 2:11] = 4          # liver
+    label[organs, 5:11, 15:22] = 1         # spleen
+    label[organs, 14:20, 3:8] = 2          # right kidney (patient right = image left)
+    label[organs, 14:20, 16:21] = 3        # left kidney
+    label[z - 3, 14:20, 3:8] = 0           # asymmetric along z, so a z flip would show
+    contrast = np.array([0, 900, 700, 650, 400], np.float32)
+    image = contrast[label] + 10.0 * np.arange(z, dtype=np.float32)[:, None, None] \
+        + 2.0 * np.arange(w, dtype=np.float32)[None, None, :]      # left-right ramp, so a mirror would show
+    return image, label
+
+
+def file_axes(display: np.ndarray, axcodes: tuple[str, str, str]) -> np.ndarray:
+    """The display-frame array as stored in a file whose array axes point towards ``axcodes``."""
+    ornt = nib.orientations
+    transform = ornt.ornt_transform(ornt.axcodes2ornt(("I", "P", "L")), ornt.axcodes2ornt(axcodes))
+    return ornt.apply_orientation(display, transform)
+
+
+def affine_for(axcodes: tuple[str, str, str], display_spacing=SPACING) -> np.ndarray:
+    """RAS affine of a file with these axis codes (zooms taken from the display spacing of the same axis)."""
+    world = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1), "I": (2, -1)}
+    display_axis = {"I": 0, "S": 0, "P": 1, "A": 1, "L": 2, "R": 2}
+    affine = np.eye(4)
+    affine[:3, :3] = 0
+    for i, code in enumerate(axcodes):
+        axis, sign = world[code]
+        affine[axis, i] = sign * display_spacing[display_axis[code]]
+    affine[:3, 3] = [12.5, -30.0, 40.0]
+    return affine
+
+
+def write_nifti(path: Path, display: np.ndarray, axcodes=("R", "A", "S"), dtype=np.float32) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(file_axes(display, axcodes).astype(dtype), affine_for(axcodes)), str(path))
+
+
+def write_btcv(root: Path, case: int, flat: bool = False, axcodes=("L", "P", "S")) -> tuple:
+    image, label = toy_abdomen()
+    native = np.array([0, 1, 2, 3, 6], np.int16)[label]
+    native[0, 0:4, 0:4] = 7                                          # stomach: known, not a task organ
+    image_dir, label_dir = (root, root) if flat else (root / "img", root / "label")
+    write_nifti(image_dir / f"img{case:04d}.nii.gz", image - 1000.0, axcodes)     # HU-like
+    write_nifti(label_dir / f"label{case:04d}.nii.gz", native, axcodes, np.int16)
+    return image - 1000.0, label
