@@ -54,20 +54,30 @@ def synthetic_cases(n: int, seed: int, size: int = 48, slices: int = 3) -> list[
     return cases
 
 
+def composed_method(name: str, *overrides: str):
+    """configs/method/<name>.yaml as Hydra composes it for a run (resolved, open for changes)."""
+    cfg = compose_run_config([f"method={name}", *overrides])
+    OmegaConf.resolve(cfg)
+    OmegaConf.set_struct(cfg.method, False)
+    return cfg.method
+
+
+def with_changes(cfg, changes):
+    """``cfg`` with dotted-key ``changes`` applied (e.g. ``{"retrain.steps": 4}``)."""
+    for key, value in changes.items():
+        OmegaConf.update(cfg, key, value)
+    return cfg
+
+
 def dfg_cfg(**changes):
     """dfg.yaml as Hydra composes it (its retraining recipe comes from configs/recipe/), tiny budgets."""
-    cfg = compose_run_config(["method=dfg"])
-    OmegaConf.resolve(cfg)
-    cfg = cfg.method
-    OmegaConf.set_struct(cfg, False)
+    cfg = composed_method("dfg")
     cfg.fa.iterations = 3
     cfg.fa.batch_size = 4
     cfg.retrain.epochs = 1
     cfg.retrain.steps = None              # the epoch budget: one pass
     cfg.retrain.batch_size = 4
-    for key, value in changes.items():
-        OmegaConf.update(cfg, key, value)
-    return cfg
+    return with_changes(cfg, changes)
 
 
 def make_context(tmp_path, labels, sam=None, images=None):
@@ -96,9 +106,6 @@ def shrink_budget(node) -> None:
 
 
 def method_config(name: str):
-    cfg = compose_run_config([f"method={name}", "preset=test"])
-    OmegaConf.resolve(cfg)
-    method_cfg = cfg.method
-    OmegaConf.set_struct(method_cfg, False)
+    method_cfg = composed_method(name, "preset=test")
     shrink_budget(method_cfg)
     return method_cfg

@@ -7,13 +7,11 @@ import copy
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from scipy import ndimage
 from torch import nn
 
-from helpers_methods import ORGANS, make_context, synthetic_cases
+from helpers_methods import ORGANS, composed_method, make_context, synthetic_cases, with_changes
 from sfdabench.api import TargetImages
-from sfdabench.config import compose_run_config
 from sfdabench.nets import build_segmenter
 from sfdabench_methods.upl_sfda import (UPLSFDA, SlabBatches, UPLSegmenter, largest_component_per_class,
                                         mean_prediction_entropy, random_quarter_turns, reliable_pseudo_labels,
@@ -39,14 +37,9 @@ def net():
 
 def upl_cfg(**changes):
     """configs/method/upl_sfda.yaml as Hydra composes it, with a 2-step budget."""
-    cfg = compose_run_config(["method=upl_sfda"])
-    OmegaConf.resolve(cfg)
-    cfg = cfg.method
-    OmegaConf.set_struct(cfg, False)
+    cfg = composed_method("upl_sfda")
     cfg.train.steps = 2
-    for key, value in changes.items():
-        OmegaConf.update(cfg, key, value)
-    return cfg
+    return with_changes(cfg, changes)
 
 
 # ---------------------------------------------------------------------------------------------- losses
