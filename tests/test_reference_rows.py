@@ -7,20 +7,23 @@ in the same commit, leaderboard/README.md):
 
 - from the committed source weights (leaderboard/source_models/), imported with `sfdabench source import`:
   the row's Dice/ASD/HD95 within 1e-4 for every organ. Evaluation only, so it runs on any machine.
-- from scratch: the source model retrained (~6 min on one core, in the background from collection on, see
-  conftest) must have the committed weights hash and give the same row. Bit-reproducible training holds only
-  on the software and CPU the weights were made with; elsewhere this test skips and says what differs.
+- from scratch, opt-in (``SFDABENCH_RETRAIN_REFERENCE=1``): the source model retrained (~6 min on one core) must
+  have the committed weights hash and give the same row. Bit-reproducible training holds only on the software
+  and CPU the weights were made with; elsewhere this test skips and says what differs. It is not in the default
+  suite: run beside the other tests it took one of CI's two cores for the whole suite (1823 s instead of ~760 s
+  on the reference machine), and the imported-weights rerun above already pins the rows to the code.
 """
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO, background_run
+from conftest import REPO
 from sfdabench.results import cpu_model, read_rows
 from sfdabench.source_model import weights_hash
 
@@ -33,8 +36,7 @@ METRICS = ["dice", "asd", "hd95"]
 RUN_ARGS = ["run", f"method={METHOD}", f"task={TASK}", f"seed={SEED}", f"num_threads={ENVIRONMENT['num_threads']}",
             "progress=false"]
 
-# The retraining starts when the suite is collected and runs on one thread beside the other tests (conftest).
-background_run("test_the_reference_source_model_retrains_to_the_committed_weights", *RUN_ARGS)
+RETRAIN_VARIABLE = "SFDABENCH_RETRAIN_REFERENCE"
 
 
 def reference_environment_differs() -> str:
@@ -43,8 +45,10 @@ def reference_environment_differs() -> str:
     return ", ".join(f"{k} {here[k]!r} (reference {ENVIRONMENT[k]!r})" for k in here if here[k] != ENVIRONMENT[k])
 
 
-def background_skip_reason() -> str:
-    """Why retraining cannot reproduce the weights here (conftest then neither starts it nor runs the test)."""
+def retrain_skip_reason() -> str:
+    """Why the from-scratch retraining does not run here ("" when it does)."""
+    if os.environ.get(RETRAIN_VARIABLE) != "1":
+        return f"opt-in: set {RETRAIN_VARIABLE}=1 to retrain the reference source model (~6 min on one core)"
     differs = reference_environment_differs()
     return f"not the reference environment: {differs}; source training reproduces only there" if differs else ""
 
@@ -86,9 +90,11 @@ def test_the_reference_row_reruns_from_the_committed_source_weights(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_reference_source_model_retrains_to_the_committed_weights(background_result):
-    returncode, output, results = background_result
-    assert returncode == 0, output[-2000:]
+def test_the_reference_source_model_retrains_to_the_committed_weights(tmp_path):
+    if retrain_skip_reason():
+        pytest.skip(retrain_skip_reason())
+    results = tmp_path / "res"
+    sfdabench(*RUN_ARGS, f"results_dir={results}", cwd=tmp_path)
     new = read_rows(results / "leaderboard.csv", METRICS).set_index("organ")
     assert set(new.source_weights) == {weights_hash(WEIGHTS)}, "other source weights: the source recipe moved"
     assert_same_row(new, committed_row())
