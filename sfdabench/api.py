@@ -135,6 +135,9 @@ class SamBackend(abc.ABC):
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    #: Where the backend may keep files derived from its weights (e.g. exported models); the harness sets it
+    #: to the run's cache dir right after building the backend. None when built outside a run.
+    cache_dir: Path | None = None
 
     def __init__(self, cfg: Mapping[str, Any], device: torch.device):
         self.cfg = cfg

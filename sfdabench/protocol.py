@@ -258,7 +258,7 @@ def _record(run: Run, adapted: torch.nn.Module, context: Context, progress) -> d
         "train_threads": source.meta.get("train_threads", ""),
         "source_dice": (source.meta.get("in_domain_dice") or {}).get("mean", float("nan")),
         "source_flag": run.source_flag, "sfda": not method_cls.uses_target_labels,
-        "sam": _sam_tag(cfg["sam"]) if run.method.uses_sam else "",
+        "sam": _sam_tag(cfg["sam"], run.sam) if run.method.uses_sam else "",
         "data_protocol": task.data_protocol, "n_cases": len(task.target.splits["test"]),
         "config_hash": run.run_id, "run_id": run.run_id, "git_rev": results.git_revision(),
         "sfdabench_version": results.version("sfdabench"),
@@ -300,13 +300,17 @@ def _build_sam(sam_cfg: Mapping[str, Any], registry: Registry, device: torch.dev
     from sfdabench.sam.cache import EmbeddingCache
 
     backend = registry.get("sam", sam_cfg["name"])(sam_cfg, device)
+    backend.cache_dir = cache_dir
     return EmbeddingCache(backend, cache_dir)
 
 
-def _sam_tag(sam_cfg: Mapping[str, Any]) -> str:
-    """Backend name plus any non-default numerics, e.g. ``litemedsam:bf16``."""
+def _sam_tag(sam_cfg: Mapping[str, Any], sam: Any = None) -> str:
+    """Backend name plus any non-default numerics or engine, e.g. ``litemedsam:bf16``,
+    ``litemedsam:onnxruntime``; the engine is the one that ran (``sam``), which may be torch's fallback."""
     precision = sam_cfg.get("precision", "fp32")
-    return sam_cfg["name"] + ("" if precision == "fp32" else f":{precision}")
+    engine = getattr(sam, "engine_name", None) or str(sam_cfg.get("engine", "torch") or "torch")
+    return (sam_cfg["name"] + ("" if precision == "fp32" else f":{precision}")
+            + ("" if engine == "torch" else f":{engine}"))
 
 
 def _nan_to_none(v: Any) -> Any:

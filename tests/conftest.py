@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,10 @@ pytest.register_assert_rewrite("helpers_box_search", "helpers_datasets", "helper
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA_ENV = "SFDABENCH_SAMPLE_DATA"
+
+# One ONNX export of the SAM backends for every test and CLI subprocess (each test has its own results dir, and
+# an export costs ~10 s); keyed inside by weights, torch and code version, so it is never stale.
+os.environ.setdefault("SFDABENCH_SAM_EXPORT_DIR", str(Path(tempfile.gettempdir()) / "sfdabench-tests-sam-onnx"))
 
 #: Overrides that make a phantom run take seconds: tiny U-Net (preset=test), few small cases.
 TINY_PHANTOM = [

