@@ -495,6 +495,7 @@ class PhantomDataset(DatasetAdapter):
     """
 
     name = "phantom"
+    default_splits = _DEFAULT_SPLITS
     description = "Procedural abdominal MR/CT phantom (offline, CPU-sized); spleen, kidneys, liver"
 
     def __init__(self, cfg: Mapping[str, Any], organs: Sequence[str], cache_dir: Any):
@@ -524,14 +525,11 @@ class PhantomDataset(DatasetAdapter):
     def case_id(self, index: int) -> str:
         return f"phantom-{self.modality}-{int(index):04d}"
 
-    def case_ids(self, split: str) -> list[str]:
-        splits = dict(self.cfg.get("splits") or _DEFAULT_SPLITS)
-        if split not in splits:
-            raise SfdaBenchError(f"phantom dataset has no split {split!r}; configured: {sorted(splits)}")
-        ids = [self.case_id(c) if isinstance(c, (int, np.integer)) else str(c) for c in splits[split]]
-        for cid in ids:
-            self._index(cid)                              # validate early, not at load time
-        return ids
+    def normalise_case_id(self, case_id) -> str:
+        """An index (``3``) or an id (``phantom-ct-0003``); checked when the split is read, not at load time."""
+        cid = self.case_id(case_id) if isinstance(case_id, (int, np.integer)) else str(case_id)
+        self._index(cid)
+        return cid
 
     def _index(self, case_id: str) -> int:
         m = self._id_re.match(case_id)

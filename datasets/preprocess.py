@@ -40,7 +40,7 @@ import numpy as np
 from nibabel import orientations
 
 from sfdabench import atomic
-from sfdabench.api import Case, DatasetAdapter, SfdaBenchError, _plain
+from sfdabench.api import HARNESS_SPLITS, Case, DatasetAdapter, SfdaBenchError, _plain
 from sfdabench.results import atomic_write_text, locked
 
 log = logging.getLogger("sfdabench")
@@ -58,7 +58,6 @@ DEFAULT_WINDOWS = {"ct": (-125.0, 275.0), "mr": (0.0, 1200.0)}
 MESSAGE_PARAMS = ("root", "root_setting", "title", "download")
 
 #: Splits the harness evaluates; they must not share cases unless the domain block allows it.
-HARNESS_SPLITS = ("train", "test")
 
 
 def one_line(text: str) -> str:
@@ -508,9 +507,6 @@ class PreparedVolumeAdapter(DatasetAdapter):
         """True if ``root`` looks like this dataset (before any case is looked up)."""
         return root.is_dir()
 
-    def normalise_case_id(self, case_id: Any) -> str:
-        return str(case_id)
-
     @abc.abstractmethod
     def case_files(self, case_id: str) -> list[Path]:
         """Every source file of a case (for change detection); raises SfdaBenchError naming what is absent."""
@@ -518,10 +514,6 @@ class PreparedVolumeAdapter(DatasetAdapter):
     @abc.abstractmethod
     def read_case(self, case_id: str) -> RawVolume:
         """Read and check one case."""
-
-    def named_cases(self, keyword: str) -> list[str] | None:
-        """Case ids for a keyword used as a split value (e.g. AMOS ``imagesTr``); None: unknown keyword."""
-        return None
 
     # ---------------------------------------------------------------- data root
 
@@ -539,45 +531,7 @@ class PreparedVolumeAdapter(DatasetAdapter):
             raise self.missing_data(f"{self.root} ({self.root_setting}) does not hold this dataset")
         return self.root
 
-    # ---------------------------------------------------------------- splits
-
-    def case_ids(self, split: str) -> list[str]:
-        splits = dict(_plain(self.cfg.get("splits")) or {})
-        if split not in splits:
-            raise SfdaBenchError(f"dataset {self.name}: the task config has no split '{split}' "
-                                 f"(has: {sorted(splits)}); add splits.{split} to the task config")
-        ids = self._expand_split(split, splits)
-        duplicates = sorted({c for c in ids if ids.count(c) > 1})
-        if duplicates:
-            raise SfdaBenchError(f"dataset {self.name}: split '{split}' lists cases twice: {duplicates}")
-        if split in HARNESS_SPLITS and not self.cfg.get("allow_split_overlap", False):
-            for other in HARNESS_SPLITS:
-                if other != split and other in splits:
-                    shared = sorted(set(ids) & set(self._expand_split(other, splits)))
-                    if shared:
-                        raise SfdaBenchError(
-                            f"dataset {self.name}: splits '{split}' and '{other}' share cases {shared}; "
-                            "override both splits, or list the pool in splits.all and set 'train: rest'")
-        return ids
-
-    def _expand_split(self, split: str, splits: Mapping[str, Any]) -> list[str]:
-        value = splits[split]
-        if isinstance(value, str):
-            if value == "rest":
-                if "all" not in splits or split == "all":
-                    raise SfdaBenchError(f"dataset {self.name}: split '{split}: rest' needs splits.all "
-                                         "(the pool it takes the remaining cases from)")
-                taken = {c for name in splits if name not in (split, "all") and splits[name] != "rest"
-                         for c in self._expand_split(name, splits)}
-                return [c for c in self._expand_split("all", splits) if c not in taken]
-            named = self.named_cases(value)
-            if named is None:
-                raise SfdaBenchError(f"dataset {self.name}: split '{split}' is '{value}', which is neither a list "
-                                     "of case ids nor a keyword this dataset knows")
-            return named
-        if value is None:
-            return []
-        return [self.normalise_case_id(c) for c in value]
+    # ---------------------------------------------------------------- splits (resolved by DatasetAdapter)
 
     def all_split_ids(self) -> list[str]:
         ids: list[str] = []

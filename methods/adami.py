@@ -48,8 +48,8 @@ from torch import nn
 
 from sfdabench.api import Context, Method, TargetImages
 from sfdabench.hookspecs import hookimpl
-from sfdabench.self_training import build_optimizer, mean_target_prediction
-from sfdabench.training import Augment, fit, loader
+from sfdabench.self_training import mean_target_prediction
+from sfdabench.training import Augment, fit, loader, make_optimizer
 
 EPS = 1e-10                       # AdaMI's epsilon inside every log
 KL_OVER = ("batch", "image")
@@ -124,7 +124,7 @@ class AdaMI(Method):
         generator = context.generator(1)
         augment = Augment(cfg.get("augment"), generator)
         data = loader(target_train, int(cfg["batch_size"]), generator)
-        opt = build_optimizer(list(model.parameters()), cfg)
+        opt = make_optimizer(list(model.parameters()), cfg)
         history = {"entropy": [], "kl": []}
         model.train()
 

@@ -31,8 +31,8 @@ from torch import nn
 
 from sfdabench.api import Context, Method, TargetImages
 from sfdabench.hookspecs import hookimpl
-from sfdabench.self_training import bn_layers, build_optimizer, reestimate_bn_statistics, softmax_entropy
-from sfdabench.training import forever, loader
+from sfdabench.self_training import bn_layers, reestimate_bn_statistics, softmax_entropy
+from sfdabench.training import forever, loader, make_optimizer
 
 EVAL_STATISTICS = ("target", "source")
 
@@ -78,7 +78,7 @@ class Tent(Method):
         params = configure_tent(model)
         if not params:
             raise ValueError("tent: the segmenter has no BatchNorm affine parameters to adapt")
-        opt = build_optimizer(params, cfg)
+        opt = make_optimizer(params, cfg)
         batches = forever(loader(target_train, int(cfg["batch_size"]), context.generator(1)))
         losses = []
         try:

@@ -98,8 +98,8 @@ from torch import nn
 from sfdabench.api import Context, Method, TargetImages, slice_to_input
 from sfdabench.hookspecs import hookimpl
 from sfdabench.nets.unet import UNet
-from sfdabench.self_training import build_optimizer, class_keep_rates, new_volumes, seeded_torch_rng
-from sfdabench.training import fit, loader
+from sfdabench.self_training import class_keep_rates, new_volumes, seeded_torch_rng
+from sfdabench.training import fit, loader, make_optimizer
 
 PERTURBATIONS = ("rot90", "none")
 BATCHINGS = ("slab", "shuffled")
@@ -364,7 +364,7 @@ class UPLSFDA(Method):
 
         encoder = [*model.inc.parameters(), *model.downs.parameters()]
         heads = [p for n, p in model.named_parameters() if not n.startswith(("inc.", "downs."))]
-        opt = build_optimizer([{"params": encoder, "betas": tuple(float(b) for b in train["encoder_betas"])},
+        opt = make_optimizer([{"params": encoder, "betas": tuple(float(b) for b in train["encoder_betas"])},
                                {"params": heads, "betas": tuple(float(b) for b in train["head_betas"])}], train)
         data = SlabBatches(target_train, int(cfg["slab_slices"]), context.generator(1)) if slab else \
             loader(target_train, int(cfg["batch_size"]), context.generator(1))

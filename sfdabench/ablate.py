@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence

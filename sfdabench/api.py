@@ -386,6 +386,10 @@ class Ablation(abc.ABC):
 # -------------------------------------------------------------------------------------- datasets
 
 
+#: The splits the harness reads; train/test of one domain must not share cases unless a task allows it.
+HARNESS_SPLITS = ("train", "test")
+
+
 class DatasetAdapter(abc.ABC):
     """Reads one dataset (a domain) and maps its native labels to the task's organ list.
 
@@ -395,6 +399,8 @@ class DatasetAdapter(abc.ABC):
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    #: The splits used when the task config gives none (None: the config must give them).
+    default_splits: ClassVar[Mapping[str, Any] | None] = None
 
     def __init__(self, cfg: Mapping[str, Any], organs: Sequence[str], cache_dir: Path):
         self.cfg = cfg
@@ -402,12 +408,54 @@ class DatasetAdapter(abc.ABC):
         self.cache_dir = Path(cache_dir)
 
     def case_ids(self, split: str) -> list[str]:
-        """Case ids of a split named in the task config (``splits.<split>``)."""
-        splits = self.cfg.get("splits") or {}
+        """Case ids of a split named in the task config (``splits.<split>``), the one split grammar of every
+        adapter: a list of case ids (each through :meth:`normalise_case_id`), a keyword of the dataset
+        (:meth:`named_cases`), or ``rest`` (the cases of ``splits.all`` that no other split lists). Cases listed
+        twice, and train/test sharing cases (unless ``allow_split_overlap``), are one-line errors."""
+        splits = dict(_plain(self.cfg.get("splits") or self.default_splits) or {})
         if split not in splits:
             raise SfdaBenchError(f"dataset {self.name}: the task config has no split '{split}' "
                                  f"(has: {sorted(splits)}); add splits.{split} to the task config")
-        return [str(c) for c in splits[split]]
+        ids = self._expand_split(split, splits)
+        duplicates = sorted({c for c in ids if ids.count(c) > 1})
+        if duplicates:
+            raise SfdaBenchError(f"dataset {self.name}: split '{split}' lists cases twice: {duplicates}")
+        if split in HARNESS_SPLITS and not self.cfg.get("allow_split_overlap", False):
+            for other in HARNESS_SPLITS:
+                if other != split and other in splits:
+                    shared = sorted(set(ids) & set(self._expand_split(other, splits)))
+                    if shared:
+                        raise SfdaBenchError(
+                            f"dataset {self.name}: splits '{split}' and '{other}' share cases {shared}; "
+                            "override both splits, or list the pool in splits.all and set 'train: rest'")
+        return ids
+
+    def _expand_split(self, split: str, splits: Mapping[str, Any]) -> list[str]:
+        value = splits[split]
+        if isinstance(value, str):
+            if value == "rest":
+                if "all" not in splits or split == "all":
+                    raise SfdaBenchError(f"dataset {self.name}: split '{split}: rest' needs splits.all "
+                                         "(the pool it takes the remaining cases from)")
+                taken = {c for name in splits if name not in (split, "all") and splits[name] != "rest"
+                         for c in self._expand_split(name, splits)}
+                return [c for c in self._expand_split("all", splits) if c not in taken]
+            named = self.named_cases(value)
+            if named is None:
+                raise SfdaBenchError(f"dataset {self.name}: split '{split}' is '{value}', which is neither a list "
+                                     "of case ids nor a keyword this dataset knows")
+            return named
+        if value is None:
+            return []
+        return [self.normalise_case_id(c) for c in value]
+
+    def normalise_case_id(self, case_id: Any) -> str:
+        """A case id as this dataset spells it (e.g. ``2`` -> ``"2"``); raise SfdaBenchError if it is none."""
+        return str(case_id)
+
+    def named_cases(self, keyword: str) -> list[str] | None:
+        """Case ids for a keyword used as a split value (e.g. AMOS ``imagesTr``); None: unknown keyword."""
+        return None
 
     @abc.abstractmethod
     def load_case(self, case_id: str) -> Case:

@@ -15,9 +15,7 @@ import sys
 from typing import Sequence
 
 from sfdabench.api import SfdaBenchError
-# Re-exported for existing callers: composition lives in sfdabench.config, the Hydra entry in sfdabench.launch.
-from sfdabench.config import hydra_searchpath_override, setup_logging, validate_overrides  # noqa: F401
-from sfdabench.launch import _job  # noqa: F401
+from sfdabench.config import setup_logging
 
 log = logging.getLogger("sfdabench")
 

@@ -222,7 +222,7 @@ def report(a: Side, b: Side, table: pd.DataFrame, metric: str, max_regression: f
     better = "higher" if metric_catalogue.higher_is_better(metric) else "lower"
     metrics = [m for m in metric_catalogue.of_summary(a.summary) if f"delta_{m}" in table]
     n_reg = int(table["regressed"].sum())
-    lines = [f"# sfdabench compare", "",
+    lines = ["# sfdabench compare", "",
              f"- A: `{a.path}` ({a.rows['run_id'].nunique() if 'run_id' in a.rows else '?'} runs)",
              f"- B: `{b.path}` ({b.rows['run_id'].nunique() if 'run_id' in b.rows else '?'} runs)",
              f"- metric: {metric} ({better} is better); regression: worse by more than {max_regression:g}; "

@@ -24,7 +24,7 @@ from torch import nn
 
 from sfdabench.api import Context, SliceDataset, TargetImages
 from sfdabench.losses import soft_dice_loss
-from sfdabench.training import Augment, fit, loader
+from sfdabench.training import Augment, fit, loader, make_optimizer
 
 #: Label value of pixels excluded from the loss (pseudo-labels are uint8; organ labels are small integers).
 IGNORE = 255
@@ -118,19 +118,6 @@ def new_volumes(target_train: TargetImages, dtype=np.uint8, fill: int = 0) -> li
 # ------------------------------------------------------------------------------ pseudo-label training
 
 
-def build_optimizer(params: Sequence[nn.Parameter], cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """``optimizer: adam`` (default; ``betas``, default (0.9, 0.999)) or ``sgd`` (``momentum``), with ``lr`` and
-    ``weight_decay`` (default 5e-4, the protocol's)."""
-    kind = str(cfg.get("optimizer", "adam")).lower()
-    lr, weight_decay = float(cfg["lr"]), float(cfg.get("weight_decay", 5e-4))
-    if kind == "adam":
-        betas = tuple(float(b) for b in cfg.get("betas", (0.9, 0.999)))
-        return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=float(cfg.get("momentum", 0.9)), weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer '{kind}': use adam or sgd")
-
-
 def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """CE averaged over the pixels not marked :data:`IGNORE` (0, not NaN, if a batch has none)."""
     valid = (target != IGNORE).sum()
@@ -160,13 +147,13 @@ def train_on_pseudo_labels(model: nn.Module, target_train: TargetImages, labels:
     """Train ``model`` (all parameters, train mode) on pseudo-label volumes; :data:`IGNORE` pixels are left out.
 
     ``cfg``: ``batch_size``, ``lr``, ``weight_decay``, ``optimizer``/``betas``/``momentum`` (see
-    :func:`build_optimizer`), ``loss`` (ce | dice | ce+dice), the budget of :func:`~sfdabench.training.fit`
+    :func:`~sfdabench.training.make_optimizer`), ``loss`` (ce | dice | ce+dice), the budget of :func:`~sfdabench.training.fit`
     (``epochs`` with ``lr_step_epochs``/``lr_gamma``, default: constant rate; or ``steps``), ``augment`` (:class:`~sfdabench.training.Augment`; geometric transforms
     move the label with the image). A fixed budget; the last model is kept. Returns per-epoch mean losses.
     """
     model.to(context.device).train()
     loss_fn = pseudo_label_loss(str(cfg.get("loss", "ce")))
-    opt = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     augment = Augment(cfg.get("augment"), generator)
     data = loader(pseudo_label_dataset(target_train, labels), int(cfg["batch_size"]), generator)
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfdabench.api import Context, SliceDataset, TargetImages
-from sfdabench.losses import segmentation_loss, soft_dice_loss  # noqa: F401 (re-exported for methods)
+from sfdabench.losses import segmentation_loss
 
 
 # ----------------------------------------------------------------------------------- augmentation
@@ -109,9 +109,18 @@ def training_recipe(cfg: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
     return name, recipes[name]
 
 
-def make_optimizer(params: Iterable[nn.Parameter], cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=float(cfg["lr"]), betas=(0.9, 0.999),
-                            weight_decay=float(cfg.get("weight_decay", 5e-4)))
+def make_optimizer(params: Iterable[Any], cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """The one optimizer factory: ``optimizer: adam`` (default; ``betas``, default (0.9, 0.999)) or ``sgd``
+    (``momentum``, default 0.9), with ``lr`` and ``weight_decay`` (default 5e-4, the protocol's). ``params``
+    may be parameter groups (dicts with their own ``betas``/``lr``)."""
+    kind = str(cfg.get("optimizer", "adam")).lower()
+    lr, weight_decay = float(cfg["lr"]), float(cfg.get("weight_decay", 5e-4))
+    if kind == "adam":
+        betas = tuple(float(b) for b in cfg.get("betas", (0.9, 0.999)))
+        return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=float(cfg.get("momentum", 0.9)), weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer '{kind}': use adam or sgd")
 
 
 def loader(dataset: torch.utils.data.Dataset, batch_size: int, generator: torch.Generator, *,

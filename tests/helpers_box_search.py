@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -18,7 +19,10 @@ from sfdabench.api import SamBackend, SamEmbedding  # noqa: E402
 from sfdabench_methods.dfg import box_search as bs  # noqa: E402
 from sfdabench_methods.dfg.box_search import BoxSearchConfig, search_slice  # noqa: E402
 
-NUM_CLASSES = 5     # background + spleen, right kidney, left kidney, liver
+#: The task's organs in label order, from the organ catalogue (the box search's per-organ settings are keyed by them).
+ABDOMEN = list(yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "organs" /
+                                            "abdomen4.yaml").read_text())["organs"])
+NUM_CLASSES = len(ABDOMEN) + 1     # background + spleen, right kidney, left kidney, liver
 
 
 # ------------------------------------------------------------------------------ fake SAM and slices

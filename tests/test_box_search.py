@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_box_search import _assert_same_as_reference, dice, make_synthetic_slice, random_slice, run
+from helpers_box_search import ABDOMEN, _assert_same_as_reference, dice, make_synthetic_slice, random_slice, run
 from sfdabench.api import SamBackend, SamEmbedding
 from sfdabench_methods.dfg import box_search as bs
 from sfdabench_methods.dfg.box_search import BoxSearchConfig, search_slice
@@ -19,14 +19,14 @@ from sfdabench_methods.dfg.postprocess import connectivity_postprocess
 
 
 def config(size: int, **overrides) -> BoxSearchConfig:
-    return BoxSearchConfig.from_cfg(overrides, (size, size))
+    return BoxSearchConfig.from_cfg(overrides, (size, size), organs=ABDOMEN)
 
 
 # --------------------------------------------------------------------------------------- config
 
 
 def test_config_defaults_are_the_spec_values_at_256():
-    cfg = BoxSearchConfig.from_cfg({}, (256, 256))
+    cfg = BoxSearchConfig.from_cfg({}, (256, 256), organs=ABDOMEN)
     assert (cfg.existence_pixels, cfg.tbs_min_area, cfg.box_margin, cfg.affinity_radius) == (200, 50, 3, 4)
     assert (cfg.tbs_tol_1step, cfg.tbs_tol_2step) == (15, 35)
     assert (cfg.mbs_tol_1step, cfg.mbs_tol_2step, cfg.mbs_tol_3step) == (15, 30, 45)
@@ -36,7 +36,7 @@ def test_config_defaults_are_the_spec_values_at_256():
 
 
 def test_thresholds_scale_with_resolution():
-    half = BoxSearchConfig.from_cfg({}, (128, 128))
+    half = BoxSearchConfig.from_cfg({}, (128, 128), organs=ABDOMEN)
     # pixel counts x 1/4 (half-up rounding), lengths x 1/2
     assert (half.existence_pixels, half.tbs_min_area) == (50, 13)
     assert (half.tbs_tol_1step, half.tbs_tol_2step) == (4, 9)
@@ -45,24 +45,27 @@ def test_thresholds_scale_with_resolution():
     # resolution-free settings never change
     assert (half.tbs_cos_threshold, half.existence_prob, half.seed_delta, half.max_steps) == \
         (0.99, 0.8, 0.005, (25, 20, 20, 35))
-    quarter = BoxSearchConfig.from_cfg({}, 64)
+    quarter = BoxSearchConfig.from_cfg({}, 64, organs=ABDOMEN)
     assert quarter.affinity_radius == 2           # at least 2: radius 1 has no neighbours
     assert min(quarter.tbs_tol_1step, quarter.box_margin, quarter.stage3_growth) >= 1
-    unscaled = BoxSearchConfig.from_cfg({"scale_to_resolution": False, "box_margin": 5}, (128, 128))
+    unscaled = BoxSearchConfig.from_cfg({"scale_to_resolution": False, "box_margin": 5}, (128, 128),
+                                        organs=ABDOMEN)
     assert (unscaled.existence_pixels, unscaled.box_margin, unscaled.image_size) == (200, 5, (128, 128))
-    assert BoxSearchConfig.from_cfg({"reference_size": 128}, (128, 128)).existence_pixels == 200
+    assert BoxSearchConfig.from_cfg({"reference_size": 128}, (128, 128), organs=ABDOMEN).existence_pixels == 200
 
 
 def test_config_rejects_typos_and_mismatched_slices():
     with pytest.raises(ValueError, match="unknown box-search settings"):
-        BoxSearchConfig.from_cfg({"serach": "tbs"}, 128)
+        BoxSearchConfig.from_cfg({"serach": "tbs"}, 128, organs=ABDOMEN)
     with pytest.raises(ValueError, match="box search"):
-        BoxSearchConfig.from_cfg({"search": "bogus"}, 128)
+        BoxSearchConfig.from_cfg({"search": "bogus"}, 128, organs=ABDOMEN)
     slice_ = make_synthetic_slice(64, 0)
     with pytest.raises(ValueError, match="scaled for"):
         run(slice_, config(128))
     # a plain mapping is scaled to the slice on the fly
-    np.testing.assert_array_equal(run(slice_, {"search": "tbs"}).pseudo_label,
+    plain = search_slice(slice_.features, slice_.probs, slice_.sam, slice_.embedding, {"search": "tbs"},
+                         organs=ABDOMEN)
+    np.testing.assert_array_equal(plain.pseudo_label,
                                   run(slice_, config(64, search="tbs")).pseudo_label)
 
 
@@ -217,7 +220,8 @@ def test_merge_rule_sam_beats_fallback_and_ties_go_to_the_lower_class():
     probs[3, 18:26, 18:26], probs[0, 18:26, 18:26] = 0.4, 0.58   # class 3: below existence, fallback mask
     probs[3, 22:26, 22:26], probs[0, 22:26, 22:26] = 0.97, 0.01
     sam = _SquareSam({}, torch.device("cpu"))
-    cfg = BoxSearchConfig.from_cfg({"search": "naive", "existence_pixels": 20, "reference_size": 32}, 32)
+    cfg = BoxSearchConfig.from_cfg({"search": "naive", "existence_pixels": 20, "reference_size": 32}, 32,
+                                   organs=ABDOMEN)
     result = search_slice(torch.ones(3, 32, 32), probs, sam, sam.embed(None), cfg)
     assert [result.classes[c].outcome for c in (1, 2, 3)] == ["sam", "sam", "absent"]
     label = result.pseudo_label

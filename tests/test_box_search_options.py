@@ -13,7 +13,7 @@ from scipy import ndimage
 from torch import nn
 
 from conftest import REPO
-from helpers_box_search import (NUM_CLASSES, FakeSam, SyntheticSlice, _assert_same_as_reference, _ellipse,
+from helpers_box_search import (ABDOMEN, NUM_CLASSES, FakeSam, SyntheticSlice, _assert_same_as_reference, _ellipse,
                                 _signed_distance, dice, random_slice, run)
 
 from sfdabench import ablate
@@ -23,10 +23,10 @@ from sfdabench_methods.dfg.box_search import BoxSearchConfig
 from sfdabench_methods.dfg.method import DFG
 from sfdabench_methods.dfg.pseudo_labels import _count, refine_pseudo_labels
 
-ORGANS = ["spleen", "right_kidney", "left_kidney", "liver"]
+ORGANS = ABDOMEN
 
 
-def config(size: int, organs=None, **overrides) -> BoxSearchConfig:
+def config(size: int, organs=ABDOMEN, **overrides) -> BoxSearchConfig:
     return BoxSearchConfig.from_cfg(overrides, (size, size), organs=organs)
 
 
@@ -181,7 +181,8 @@ def test_side_guard_needs_sides():
     with pytest.raises(ValueError, match=r"sides.liver='up' is not a side"):
         config(64, ORGANS, sides={"liver": "up"})
     assert config(64, ORGANS, sides={"liver": "right", "aorta": None}).sides == (None, None, None, "right")
-    assert config(64, None, sides={"liver": "right"}).sides is None        # unused without the side guard
+    # unused without the side guard (organ names unknown: max_steps then in class order)
+    assert config(64, None, sides={"liver": "right"}, max_steps=[25, 20, 20, 35]).sides is None
 
 
 def shared_organ_slice() -> SyntheticSlice:

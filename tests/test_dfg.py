@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
 from helpers_methods import ORGANS, dfg_cfg, make_context, synthetic_cases
 from sfdabench.api import TargetImages
 from sfdabench.losses import bidirectional_transport_loss

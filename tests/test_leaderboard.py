@@ -406,7 +406,7 @@ def test_joblib_launcher_composes():
 def _compose_with_hydra(overrides):
     from hydra import compose, initialize_config_module
 
-    from sfdabench.cli import hydra_searchpath_override
+    from sfdabench.config import hydra_searchpath_override
 
     with initialize_config_module("sfdabench_configs", version_base=None):
         return compose("run", overrides=hydra_searchpath_override(overrides), return_hydra_config=True)
@@ -436,7 +436,8 @@ def test_slurm_job_pickles_and_runs_in_a_fresh_interpreter(tmp_path, shared_cach
     from hydra.core.singleton import Singleton
     from hydra.types import HydraContext
 
-    from sfdabench.cli import _job, hydra_searchpath_override
+    from sfdabench.config import hydra_searchpath_override
+    from sfdabench.launch import _job
 
     results = tmp_path / "res"
     job_overrides = ["method=source_only", "seed=0", f"results_dir={results}", f"cache_dir={shared_cache}",

@@ -129,6 +129,7 @@ def test_onnxruntime_exports_once_per_weights(tmp_path, caplog, monkeypatch):
     assert directory.parent == tmp_path / "sam_onnx"
     files = {p.name: p.stat().st_mtime_ns for p in directory.glob("*.onnx")}
     assert set(files) == {"encoder.onnx", "prepare.onnx", "decoder.onnx"}
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="sfdabench"):
         emb_again = again.embed(img)
     assert "exporting" not in caplog.text         # the cached export is reused

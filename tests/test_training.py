@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from sfdabench.nets import build_segmenter
-from sfdabench.training import Augment, soft_dice_loss, train_supervised
+from sfdabench.losses import soft_dice_loss
+from sfdabench.training import Augment, train_supervised
 
 
 def test_soft_dice_is_zero_for_perfect_and_high_for_wrong_predictions():

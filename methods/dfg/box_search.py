@@ -81,8 +81,10 @@ unordered offset pair), a growth step is a handful of array ops per offset, and 
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -108,51 +110,51 @@ SIDES = ("left", "right")          # the patient's side (column 0 of every slice
 class BoxSearchConfig:
     """Hyper-parameters of the box search (spec 4.2), in pixels of the slice being searched.
 
-    Build it with :meth:`from_cfg`, which applies the resolution scaling described in the module docstring;
-    the defaults are the spec's values for 256x256 slices and the task's organ order
-    (spleen, right kidney, left kidney, liver).
+    Build it with :meth:`from_cfg`, which applies the resolution scaling described in the module docstring.
+    The fields have no defaults here: a setting not given is the one of ``configs/method/dfg.yaml``
+    (``search``, the spec's values for 256x256 slices), the one place they are written (:func:`spec_defaults`).
     """
 
-    search: str = "dbs"
-    stage3: bool = True
-    naive_threshold: float = 0.5
+    search: str
+    stage3: bool
+    naive_threshold: float
     # existence / seeding
-    existence_prob: float = 0.8
-    existence_pixels: int = 200
-    seed_delta: float = 0.005
-    box_margin: int = 3
-    affinity_radius: int = 4
+    existence_prob: float
+    existence_pixels: int
+    seed_delta: float
+    box_margin: int
+    affinity_radius: int
     # TBS
-    tbs_cos_threshold: float = 0.99
-    max_steps: tuple[int, ...] = (25, 20, 20, 35)   # per foreground class, in class-index order
-    steps_scaling: str = "fixed"                     # fixed | reach (module docstring)
-    tbs_tol_1step: int = 15
-    tbs_tol_2step: int = 35
-    tbs_min_area: int = 50
+    tbs_cos_threshold: float
+    max_steps: tuple[int, ...]  # per foreground class, in class-index order
+    steps_scaling: str  # fixed | reach (module docstring)
+    tbs_tol_1step: int
+    tbs_tol_2step: int
+    tbs_min_area: int
     # MBS
-    mbs_multiplier: float = 2.5
-    mbs_cap: float = 0.35
-    mbs_max_growth: float = 0.0                      # 0 = the paper; see mbs()
-    mbs_tol_1step: int = 15
-    mbs_tol_2step: int = 30
-    mbs_tol_3step: int = 45
+    mbs_multiplier: float
+    mbs_cap: float
+    mbs_max_growth: float  # 0 = the paper; see mbs()
+    mbs_tol_1step: int
+    mbs_tol_2step: int
+    mbs_tol_3step: int
     # stage 3 (its tolerances are the MBS 2-step / 1-step ones, spec 4.3)
-    stage3_growth: int = 2
-    stage3_repeats: int = 6
+    stage3_growth: int
+    stage3_repeats: int
     # merge (spec 4.4)
-    score_background: float = 0.5
-    score_sam: float = 2.0
-    score_fallback: float = 1.0
+    score_background: float
+    score_sam: float
+    score_fallback: float
     # coverage before stability (module docstring)
-    min_coverage: float = 0.0                        # 0 = the paper (no coverage condition)
-    coverage_of: str = "region"                      # region | prediction
+    min_coverage: float  # 0 = the paper (no coverage condition)
+    coverage_of: str  # region | prediction
     # twin guard (module docstring)
-    twin_guard: str = "none"                         # none | side | seed
-    sides: tuple[str | None, ...] | None = None      # per foreground class: "left" | "right" | None
+    twin_guard: str  # none | side | seed
+    sides: tuple[str | None, ...] | None  # per foreground class: "left" | "right" | None
     # resolution scaling
-    reference_size: int = 256
-    scale_to_resolution: bool = True
-    tolerance_scaling: str = "area"                  # area | length: how the change tolerances scale
+    reference_size: int
+    scale_to_resolution: bool
+    tolerance_scaling: str  # area | length: how the change tolerances scale
     #: (H, W) the pixel values were scaled for; None = unscaled (values as written, for reference_size).
     image_size: tuple[int, int] | None = None
 
@@ -170,11 +172,12 @@ class BoxSearchConfig:
         ``max_steps`` or ``sides`` are given per organ name. Unknown keys are an error (a typo would otherwise
         silently fall back to a default).
         """
-        values = {str(k): cfg[k] for k in cfg} if cfg is not None else {}
+        given = {str(k): cfg[k] for k in cfg} if cfg is not None else {}
         known = {f.name for f in fields(cls)} - {"image_size"}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(given) - known)
         if unknown:
             raise ValueError(f"unknown box-search settings {unknown}; valid: {sorted(known)}")
+        values = {**spec_defaults(), **given}
         organs = None if organs is None else [str(o) for o in organs]
         if "max_steps" in values:
             values["max_steps"] = _steps_in_class_order(values["max_steps"], organs)
@@ -245,6 +248,20 @@ class BoxSearchConfig:
 
 
 _round_half_up = round_half_up  # the shared rule (sfdabench.sam.masks)
+
+
+@functools.lru_cache(maxsize=1)
+def spec_defaults() -> dict[str, Any]:
+    """The box-search settings of ``configs/method/dfg.yaml`` (its ``search`` node): what a setting is when a
+    caller does not give it. ``sides`` is the task's (an interpolation of ``task.sides``), so None here."""
+    from omegaconf import OmegaConf
+
+    import sfdabench_configs
+
+    path = Path(sfdabench_configs.__file__).parent / "method" / "dfg.yaml"
+    values = OmegaConf.to_container(OmegaConf.load(path)["search"], resolve=False)
+    values["sides"] = None
+    return values
 
 
 def _steps_in_class_order(steps: Any, organs: list[str] | None) -> tuple[int, ...]:
@@ -440,13 +457,15 @@ def sam_feature_map(sam: SamBackend, embedding: SamEmbedding, size: tuple[int, i
 
 
 def search_slice(target_features: torch.Tensor, probs: torch.Tensor, sam: SamBackend, embedding: SamEmbedding,
-                 cfg: BoxSearchConfig | Mapping[str, Any], decode_cache: dict | None = None) -> SliceResult:
+                 cfg: BoxSearchConfig | Mapping[str, Any], decode_cache: dict | None = None, *,
+                 organs: Sequence[str] | None = None) -> SliceResult:
     """Box search for every foreground class of one slice, merged into one pseudo-label (spec 4.3-4.4).
 
     ``target_features`` (C, H, W) raw target-model features; ``probs`` (K, H, W) softmax probabilities
     (K includes background); ``embedding`` this slice's SAM embedding. ``decode_cache`` maps box tuples to
     largest-contour SAM masks (or None) for this slice; SAM is decoded only for boxes not in it. Pass the same
-    dict again only for the same slice and embedding.
+    dict again only for the same slice and embedding. A mapping ``cfg`` is built with
+    :meth:`BoxSearchConfig.from_cfg` for this slice's size and the task's ``organs`` (label order).
     """
     num_classes, height, width = probs.shape
     if tuple(target_features.shape[-2:]) != (height, width):
@@ -455,7 +474,7 @@ def search_slice(target_features: torch.Tensor, probs: torch.Tensor, sam: SamBac
     if tuple(embedding.image_size) != (height, width):
         raise ValueError(f"the SAM embedding was made for a {embedding.image_size} slice, not {(height, width)}")
     if not isinstance(cfg, BoxSearchConfig):
-        cfg = BoxSearchConfig.from_cfg(cfg, (height, width))
+        cfg = BoxSearchConfig.from_cfg(cfg, (height, width), organs=organs)
     if cfg.image_size is not None and cfg.image_size != (height, width):
         raise ValueError(f"the box-search config is scaled for {cfg.image_size} slices, not {(height, width)}")
 
