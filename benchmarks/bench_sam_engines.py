@@ -27,9 +27,9 @@ from scipy import ndimage
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_ROOT))
 
-from sfdabench.config import compose_config  # noqa: E402
-from sfdabench.plugins import get_registry  # noqa: E402
-from sfdabench.protocol import load_task  # noqa: E402
+from sfdabench.harness.config import compose_config  # noqa: E402
+from sfdabench.harness.plugins import get_registry  # noqa: E402
+from sfdabench.harness.protocol import load_task  # noqa: E402
 from sfdabench.sam import LiteMedSamBackend, engines  # noqa: E402
 from sfdabench_methods.dfg.box_search import BoxSearchConfig, search_slice  # noqa: E402
 

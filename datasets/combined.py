@@ -37,7 +37,7 @@ class CombinedDataset(DatasetAdapter):
 
     def __init__(self, cfg: Mapping[str, Any], organs: Sequence[str], cache_dir: Any):
         super().__init__(cfg, organs, cache_dir)
-        from sfdabench.plugins import get_registry
+        from sfdabench.harness.plugins import get_registry
 
         parts = _plain((cfg.get("params") or {}).get("parts")) or {}
         if not parts:

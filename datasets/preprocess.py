@@ -39,9 +39,9 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
-from sfdabench import atomic
+from sfdabench.blocks import atomic
 from sfdabench.api import HARNESS_SPLITS, Case, DatasetAdapter, SfdaBenchError, _plain
-from sfdabench.results import atomic_write_text, locked
+from sfdabench.harness.results import atomic_write_text, locked
 
 log = logging.getLogger("sfdabench")
 
@@ -353,7 +353,7 @@ def preprocess_volume(raw: RawVolume, labels: LabelMapping, settings: Preprocess
 
 
 def settings_hash(settings: Mapping[str, Any]) -> str:
-    from sfdabench.results import stable_hash
+    from sfdabench.harness.results import stable_hash
 
     return stable_hash(settings)
 

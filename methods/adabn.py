@@ -7,7 +7,7 @@ Recognition 80, 2018.
 AdaBN keeps every weight of the source model and replaces the mean and variance of each BatchNorm layer by
 statistics of the target data, so that every layer sees target responses normalised as source responses were.
 Here: the running statistics are reset and re-accumulated over the unlabelled target-train slices with no
-gradient (:func:`sfdabench.self_training.reestimate_bn_statistics`), ``epochs`` passes of shuffled batches.
+gradient (:func:`sfdabench.blocks.self_training.reestimate_bn_statistics`), ``epochs`` passes of shuffled batches.
 The target *test* split is never seen; the adapted model is evaluated in eval mode with these statistics.
 
 Choice: the statistics are PyTorch's cumulative average of per-batch means and variances (``momentum=None``),
@@ -21,7 +21,7 @@ from torch import nn
 
 from sfdabench.api import Context, Method, TargetImages
 from sfdabench.hookspecs import hookimpl
-from sfdabench.self_training import bn_layers, reestimate_bn_statistics
+from sfdabench.blocks.self_training import bn_layers, reestimate_bn_statistics
 
 
 class AdaBN(Method):

@@ -48,8 +48,8 @@ from torch import nn
 
 from sfdabench.api import Context, Method, TargetImages
 from sfdabench.hookspecs import hookimpl
-from sfdabench.self_training import mean_target_prediction
-from sfdabench.training import Augment, fit, loader, make_optimizer
+from sfdabench.blocks.self_training import mean_target_prediction
+from sfdabench.blocks.training import Augment, fit, loader, make_optimizer
 
 EPS = 1e-10                       # AdaMI's epsilon inside every log
 KL_OVER = ("batch", "image")

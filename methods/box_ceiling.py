@@ -22,8 +22,8 @@ from sfdabench.api import Context, Method, TargetImages
 from sfdabench.hookspecs import hookimpl
 from sfdabench.sam.ceiling import gt_box_pseudo_labels
 from sfdabench.sam.masks import scale_pixels
-from sfdabench.self_training import train_on_pseudo_labels
-from sfdabench.training import training_recipe
+from sfdabench.blocks.self_training import train_on_pseudo_labels
+from sfdabench.blocks.training import training_recipe
 
 
 class BoxCeiling(Method):

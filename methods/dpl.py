@@ -48,7 +48,7 @@ Choices for the protocol's U-Net and multi-class labels:
   slices share a batch. Two passes over target-train (accumulate prototypes, then compare distances); the
   second pass replays the first one's dropout masks (same seed per batch), so the features are identical.
 - **Randomness**: dropout masks come from torch's global RNG seeded from the run's generator
-  (:func:`sfdabench.self_training.seeded_torch_rng`), so a seed gives the same run.
+  (:func:`sfdabench.blocks.self_training.seeded_torch_rng`), so a seed gives the same run.
 
 Diagnostics: the Dice of the MC pseudo-labels against the hidden target-train labels (``mc_mean``), and per
 pseudo-class the share that is certain, the share that agrees with its prototype, the share kept, and the
@@ -64,9 +64,9 @@ from torch import nn
 
 from sfdabench.api import Context, Method, TargetImages
 from sfdabench.hookspecs import hookimpl
-from sfdabench.nets import build_segmenter
-from sfdabench.nets.unet import UNet
-from sfdabench.self_training import (class_keep_rates, class_shares, new_volumes, reestimate_bn_statistics,
+from sfdabench.blocks.nets import build_segmenter
+from sfdabench.blocks.nets.unet import UNet
+from sfdabench.blocks.self_training import (class_keep_rates, class_shares, new_volumes, reestimate_bn_statistics,
                                      seeded_torch_rng, target_batches, train_on_pseudo_labels, with_ignored)
 
 PROTOTYPE_TESTS = ("one_vs_rest", "nearest")

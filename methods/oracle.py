@@ -11,8 +11,8 @@ from torch import nn
 
 from sfdabench.api import Context, Method, TargetImages
 from sfdabench.hookspecs import hookimpl
-from sfdabench.nets import build_segmenter
-from sfdabench.training import train_supervised, training_recipe
+from sfdabench.blocks.nets import build_segmenter
+from sfdabench.blocks.training import train_supervised, training_recipe
 
 
 class Oracle(Method):

@@ -7,7 +7,7 @@ transport loss follows PCT (Tanwisuth et al., NeurIPS 2021), the contrastive los
 Both stages run in one ``adapt`` (spec 8.2-8.3):
 
 1. **PFA**: the bias-free classifier weights are the source class prototypes; target features are aligned to
-   them with the bi-directional transport loss of :func:`sfdabench.losses.bidirectional_transport_loss`
+   them with the bi-directional transport loss of :func:`sfdabench.blocks.losses.bidirectional_transport_loss`
    (tau 0.1, rho 0.5) under a class prior that is an EMA (beta 0.001) of the mean soft assignment, updated
    every iteration *before* the loss (as the released code does; the assignment is computed from the
    detached logits, which equal prototype-feature similarities because the classifier has no bias).
@@ -63,8 +63,8 @@ from torch import nn
 
 from sfdabench.api import Context, Method, TargetImages
 from sfdabench.hookspecs import hookimpl
-from sfdabench.losses import bidirectional_transport_loss
-from sfdabench.training import Augment, forever, loader, make_optimizer
+from sfdabench.blocks.losses import bidirectional_transport_loss
+from sfdabench.blocks.training import Augment, forever, loader, make_optimizer
 
 BEHAVIOURS = ("intent", "released")
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from sfdabench.api import Context, Method, TargetImages
 from sfdabench.hookspecs import hookimpl
-from sfdabench.self_training import (class_keep_rates, new_volumes, softmax_entropy, target_batches,
+from sfdabench.blocks.self_training import (class_keep_rates, new_volumes, softmax_entropy, target_batches,
                                      train_on_pseudo_labels, with_ignored)
 
 

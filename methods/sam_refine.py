@@ -34,7 +34,7 @@ from torch import nn
 from sfdabench.api import Context, Method, SamBackend, SamEmbedding, TargetImages
 from sfdabench.hookspecs import hookimpl
 from sfdabench.sam.masks import box_around, largest_contour, scale_pixels
-from sfdabench.self_training import new_volumes, target_batches, train_on_pseudo_labels
+from sfdabench.blocks.self_training import new_volumes, target_batches, train_on_pseudo_labels
 
 SCORE_BACKGROUND, SCORE_SAM, SCORE_FALLBACK = 0.5, 2.0, 1.0      # DFG's merge (spec 4.4)
 

@@ -66,8 +66,8 @@ from torch import nn
 
 from sfdabench.api import Context, Method, TargetImages
 from sfdabench.hookspecs import hookimpl
-from sfdabench.self_training import class_shares, mean_target_prediction
-from sfdabench.training import Augment, forever, loader, make_optimizer
+from sfdabench.blocks.self_training import class_shares, mean_target_prediction
+from sfdabench.blocks.training import Augment, forever, loader, make_optimizer
 
 DIVERSITY = ("uniform", "source_prediction", "none")
 CLUSTER_SCOPES = ("foreground", "all")

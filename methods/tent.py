@@ -18,7 +18,7 @@ Adaptation to the matched protocol:
 - **Statistics at evaluation.** Tent predicts each test batch with that batch's own statistics; the harness
   evaluates every method in eval mode, and a prediction should not depend on which slices share its batch. So
   after adaptation the running statistics are re-estimated on target-train with the adapted model (the AdaBN
-  pass of :func:`sfdabench.self_training.reestimate_bn_statistics`; ``eval_statistics: target``). With
+  pass of :func:`sfdabench.blocks.self_training.reestimate_bn_statistics`; ``eval_statistics: target``). With
   ``eval_statistics: source`` the source running statistics are kept (only gamma/beta change).
 - **Optimiser.** Adam, lr 1e-3, betas (0.9, 0.999), no weight decay: the configuration of Tent's CIFAR
   experiments (official repo, ``cfgs/tent.yaml``). Tent used SGD (momentum 0.9, lr 2.5e-4 at batch 64) for
@@ -31,8 +31,8 @@ from torch import nn
 
 from sfdabench.api import Context, Method, TargetImages
 from sfdabench.hookspecs import hookimpl
-from sfdabench.self_training import bn_layers, reestimate_bn_statistics, softmax_entropy
-from sfdabench.training import forever, loader, make_optimizer
+from sfdabench.blocks.self_training import bn_layers, reestimate_bn_statistics, softmax_entropy
+from sfdabench.blocks.training import forever, loader, make_optimizer
 
 EVAL_STATISTICS = ("target", "source")
 

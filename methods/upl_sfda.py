@@ -46,7 +46,7 @@ Deviations from the released code, and why:
   last model.
 - **Budget in steps.** Released: 20 epochs x one step per target-train volume at lr 1e-4 (``train2d.cfg`` @
   f68882f) or 10 epochs at 1e-5 (@0cbaf89); the paper's text is not available to settle which. We keep lr
-  1e-4 and count optimiser steps (``train.steps``, via :func:`sfdabench.training.fit` with ``lr_gamma: 1``):
+  1e-4 and count optimiser steps (``train.steps``, via :func:`sfdabench.blocks.training.fit` with ``lr_gamma: 1``):
   the released 20 epochs over the paper protocol's ~24 target volumes (480 steps), compressed 5x as DFG's
   retraining: 96 (``configs/method/upl_sfda.yaml`` has the measured seconds).
 - **Our 2D single-slice input and preprocessing.** The protocol's U-Net sees one slice at a time (replicated
@@ -75,7 +75,7 @@ Deviations from the released code, and why:
   4-connectivity components per slice (slices of different cases are not neighbours).
 
 Randomness comes from the run's generators: case order and windows (``context.generator(1)``), slab
-rotations (2), dropout masks of training (3, via :func:`sfdabench.self_training.seeded_torch_rng`) and of the
+rotations (2), dropout masks of training (3, via :func:`sfdabench.blocks.self_training.seeded_torch_rng`) and of the
 pass-1 diagnostics before and after training (4); any device (``context.device``).
 
 Diagnostics (``upl`` in the run summary): the share of batch pixels that pass tau and that stay reliable after
@@ -97,9 +97,9 @@ from torch import nn
 
 from sfdabench.api import Context, Method, TargetImages, slice_to_input
 from sfdabench.hookspecs import hookimpl
-from sfdabench.nets.unet import UNet
-from sfdabench.self_training import class_keep_rates, new_volumes, seeded_torch_rng
-from sfdabench.training import fit, loader, make_optimizer
+from sfdabench.blocks.nets.unet import UNet
+from sfdabench.blocks.self_training import class_keep_rates, new_volumes, seeded_torch_rng
+from sfdabench.blocks.training import fit, loader, make_optimizer
 
 PERTURBATIONS = ("rot90", "none")
 BATCHINGS = ("slab", "shuffled")

@@ -1,6 +1,6 @@
 """The contracts every plugin implements: methods, dataset adapters, metrics and SAM backends.
 
-A plugin module imports from here (and from ``sfdabench.nets`` / ``sfdabench.training`` for shared building
+A plugin module imports from here (and from ``sfdabench.blocks.nets`` / ``sfdabench.blocks.training`` for shared building
 blocks), never from the CLI, the run orchestration or another plugin. Each contract is small on purpose
 (the DomainBed lesson): the harness calls exactly the methods documented below and nothing else.
 
@@ -178,7 +178,7 @@ class Context:
     Diagnostics (``pseudo_label_quality``, ``pseudo_label_quality_by_group``, ``box_prompt_ceiling``) measure
     pseudo-labels against target-train ground truth that the method never sees: the method passes its
     pseudo-labels in and gets nothing back, so ground truth cannot influence a decision. The harness lends the
-    measuring service (``target_labels``, a :class:`sfdabench.label_diagnostics.TargetLabelDiagnostics`; None
+    measuring service (``target_labels``, a :class:`sfdabench.harness.label_diagnostics.TargetLabelDiagnostics`; None
     for an unlabelled target, and then the diagnostics record nothing). Methods that declare
     ``uses_target_labels = True`` (the oracle, the box-prompt ceiling) may call ``target_train_labels``; they
     are marked as not SFDA in every result row.

@@ -64,8 +64,8 @@ def source_model():
 
     from helpers_methods import synthetic_cases
     from sfdabench.api import SliceDataset
-    from sfdabench.nets import build_segmenter
-    from sfdabench.training import train_supervised
+    from sfdabench.blocks.nets import build_segmenter
+    from sfdabench.blocks.training import train_supervised
 
     torch.manual_seed(0)
     model = build_segmenter({"width": 4, "depth": 2}, 5)

@@ -8,7 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from sfdabench.plugins import get_registry
+from sfdabench.harness.plugins import get_registry
 
 ORGANS = ["spleen", "right_kidney", "left_kidney", "liver"]           # the task order: labels 1..4
 SPACING = (6.0, 1.5, 1.25)                                            # display frame (z, y, x) mm

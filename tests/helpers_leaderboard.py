@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sfdabench.results import append_rows
+from sfdabench.harness.results import append_rows
 
 
 def write_run(results: Path, *, dice: dict[str, list[float]], task="phantom_mri2ct", method="m", variant="default",

@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from sfdabench.api import Case, Context, SamBackend, SamEmbedding
-from sfdabench.config import compose_run_config
+from sfdabench.harness.config import compose_run_config
 
 ORGANS = ["spleen", "right_kidney", "left_kidney", "liver"]
 
@@ -83,7 +83,7 @@ def dfg_cfg(**changes):
 def make_context(tmp_path, labels, sam=None, images=None):
     """A Context as the harness builds it: target-label diagnostics of these labels; with ``images`` (the
     slices the labels belong to) also the box-prompt ceilings."""
-    from sfdabench.label_diagnostics import TargetLabelDiagnostics
+    from sfdabench.harness.label_diagnostics import TargetLabelDiagnostics
 
     slices = images if images is not None else [np.zeros(lab.shape, np.float32) for lab in labels]
     cases = [Case(str(i), im, lab, (1.0, 1.0, 1.0)) for i, (im, lab) in enumerate(zip(slices, labels))]

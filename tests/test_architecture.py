@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from conftest import REPO
-from sfdabench.plugins import get_registry
+from sfdabench.harness.plugins import get_registry
 
 HARNESS = REPO / "sfdabench"
 

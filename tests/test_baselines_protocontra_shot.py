@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 from conftest import REPO
 from helpers_methods import ORGANS, make_context, synthetic_cases
 from sfdabench.api import TargetImages
-from sfdabench.losses import bidirectional_transport_loss
-from sfdabench.nets import build_segmenter
+from sfdabench.blocks.losses import bidirectional_transport_loss
+from sfdabench.blocks.nets import build_segmenter
 from sfdabench_methods.protocontra import (NegativeBank, ProtoContra, contrastive_loss, prototype_feature_alignment,
                                            pseudo_label_ce, reliability_masks, stepped_lr, update_class_prior)
 from sfdabench_methods.shot import SHOT, cluster_centroids, information_maximisation, nearest_centroid
@@ -222,7 +222,7 @@ def test_information_maximisation_matches_the_formula():
 
 
 def test_shot_diversity_prior_is_the_source_models_mean_prediction(tmp_path, target):
-    from sfdabench.self_training import mean_target_prediction
+    from sfdabench.blocks.self_training import mean_target_prediction
     from sfdabench_methods.shot import diversity_log_prior
     model = tiny_model()
     ctx, _ = make_context(tmp_path, [c.label for c in target])
@@ -252,7 +252,7 @@ def test_clustering_recovers_separable_clusters():
 
 
 def test_shot_foreground_scope_keeps_the_models_background(tmp_path, target):
-    from sfdabench.training import predict_target
+    from sfdabench.blocks.training import predict_target
     from sfdabench_methods.shot import clustering_pseudo_labels
     model = tiny_model(3)
     ctx, _ = make_context(tmp_path, [c.label for c in target])

@@ -1,5 +1,5 @@
 """Unit tests of the entropy / BatchNorm / pseudo-label baselines (adabn, tent, adami, dpl, pseudo_label,
-sam_refine) and of their shared helpers in ``sfdabench.self_training``. Tiny networks, a few slices."""
+sam_refine) and of their shared helpers in ``sfdabench.blocks.self_training``. Tiny networks, a few slices."""
 from __future__ import annotations
 
 import copy
@@ -13,10 +13,10 @@ from torch import nn
 
 from helpers_methods import ORGANS, ThresholdSam, make_context, synthetic_cases
 from sfdabench.api import SamBackend, SamEmbedding, TargetImages
-from sfdabench.nets import build_segmenter
-from sfdabench.self_training import (IGNORE, bn_layers, masked_cross_entropy, mean_target_prediction,
+from sfdabench.blocks.nets import build_segmenter
+from sfdabench.blocks.self_training import (IGNORE, bn_layers, masked_cross_entropy, mean_target_prediction,
                                      softmax_entropy)
-from sfdabench.training import predict_target
+from sfdabench.blocks.training import predict_target
 from sfdabench_methods.adabn import AdaBN
 from sfdabench_methods.adami import class_proportions, fixed_prior, proportion_kl, weighted_entropy
 from sfdabench_methods.dpl import (denoised_pseudo_labels, mc_dropout_mode, mc_pseudo_labels,
@@ -166,7 +166,7 @@ def test_adami_weighted_entropy_with_equal_weights_is_the_mean_entropy():
 
 
 def test_class_shares_count_all_or_only_the_kept_pixels():
-    from sfdabench.self_training import class_shares
+    from sfdabench.blocks.self_training import class_shares
     labels = [np.array([[0, 0, 1], [2, 0, 1]]), np.array([[1, 1]])]
     keep = [np.array([[True, False, True], [True, True, False]]), np.array([[False, False]])]
     assert class_shares(labels, ["bg", "a", "b"]) == pytest.approx({"bg": 3 / 8, "a": 4 / 8, "b": 1 / 8})

@@ -12,7 +12,7 @@ from torch import nn
 
 from helpers_methods import ORGANS, composed_method, make_context, synthetic_cases, with_changes
 from sfdabench.api import TargetImages
-from sfdabench.nets import build_segmenter
+from sfdabench.blocks.nets import build_segmenter
 from sfdabench_methods.upl_sfda import (UPLSFDA, SlabBatches, UPLSegmenter, largest_component_per_class,
                                         mean_prediction_entropy, random_quarter_turns, reliable_pseudo_labels,
                                         slab_windows, upl_dice_loss)

@@ -11,8 +11,8 @@ import pytest
 from conftest import run_cli
 from helpers_methods import ORGANS, ThresholdSam, dfg_cfg, make_context, method_config, synthetic_cases
 from sfdabench.api import SfdaBenchError, TargetImages
-from sfdabench.evaluation import dice_per_organ
-from sfdabench.plugins import get_registry
+from sfdabench.harness.evaluation import dice_per_organ
+from sfdabench.harness.plugins import get_registry
 from sfdabench.sam.ceiling import gt_box_pseudo_labels, gt_box_slice
 from sfdabench_methods.dfg.method import DFG
 
@@ -116,7 +116,7 @@ def test_class_keeping_ceiling_keeps_a_twin_swap_and_skips_background_regions():
 
 
 def test_label_confusion_shows_twin_swaps_and_misses():
-    from sfdabench.evaluation import confusion_highlights, label_confusion
+    from sfdabench.harness.evaluation import confusion_highlights, label_confusion
 
     gt = np.zeros((1, 8, 8), np.uint8)
     gt[0, :2, :2], gt[0, 4:6, 4:6], gt[0, 6:, :2] = 2, 4, 1
@@ -131,7 +131,7 @@ def test_label_confusion_shows_twin_swaps_and_misses():
 
 
 def test_quality_by_slice_group_pools_the_pixels_of_each_group():
-    from sfdabench.evaluation import quality_by_slice_group
+    from sfdabench.harness.evaluation import quality_by_slice_group
 
     rng = np.random.default_rng(0)
     organs = ["a", "b"]

@@ -16,7 +16,7 @@ from conftest import REPO
 from helpers_box_search import (ABDOMEN, NUM_CLASSES, FakeSam, SyntheticSlice, _assert_same_as_reference, _ellipse,
                                 _signed_distance, dice, random_slice, run)
 
-from sfdabench import ablate
+from sfdabench.analysis import ablate
 from sfdabench.api import Case, Context, TargetImages, UsageError
 from sfdabench_methods.dfg import box_search as bs
 from sfdabench_methods.dfg.box_search import BoxSearchConfig

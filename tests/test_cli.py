@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from conftest import TINY_PHANTOM, run_cli
-from sfdabench.results import LEADERBOARD_COLUMNS
+from sfdabench.harness.results import LEADERBOARD_COLUMNS
 
 
 def test_list_shows_builtins_with_distribution(tmp_path):

@@ -15,8 +15,8 @@ import torch
 
 from conftest import TINY_PHANTOM, run_cli
 from sfdabench import cli
-from sfdabench.config import CONFIG_PATH_ENV
-from sfdabench.plugins import get_registry
+from sfdabench.harness.config import CONFIG_PATH_ENV
+from sfdabench.harness.plugins import get_registry
 
 REPO = Path(__file__).resolve().parents[1]
 LOG_LINE = re.compile(r"^\[\d\d:\d\d:\d\d \S+ [A-Z]+\] ")

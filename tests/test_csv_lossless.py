@@ -11,8 +11,8 @@ import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sfdabench import compare, leaderboard as lb
-from sfdabench.results import append_rows, read_rows
+from sfdabench.analysis import compare, leaderboard as lb
+from sfdabench.harness.results import append_rows, read_rows
 
 TRICKY = ["5549378735e3", "000123456789", "0a2bce19c4b9", "1e5", "1E5", "nan", "NaN", "-nan", "inf", "-Infinity",
           "NA", "N/A", "null", "NULL", "None", "", " ", "0", "-0", "007", "1.50", "0x1F", "True", "false", "#N/A"]

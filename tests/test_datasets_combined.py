@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from sfdabench.api import SfdaBenchError
-from sfdabench.config import compose_run_config
-from sfdabench.plugins import get_registry
+from sfdabench.harness.config import compose_run_config
+from sfdabench.harness.plugins import get_registry
 
 ORGANS = ["spleen", "right_kidney", "left_kidney", "liver"]
 

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import SAMPLE_DATA_ENV, run_cli
 from sfdabench.api import SfdaBenchError
-from sfdabench.plugins import get_registry
+from sfdabench.harness.plugins import get_registry
 from sfdabench_datasets.preprocess import preprocess_volume, to_display_frame
 
 ORGANS = ["spleen", "right_kidney", "left_kidney", "liver"]           # the task order: labels 1..4

@@ -16,7 +16,7 @@ import pytest
 
 from helpers_datasets import ORGANS, SPACING, adapter, affine_for, file_axes, toy_abdomen, write_btcv, write_nifti
 from sfdabench.api import SfdaBenchError
-from sfdabench.plugins import get_registry
+from sfdabench.harness.plugins import get_registry
 
 CHAOS_GREY = {1: 252, 2: 126, 3: 189, 4: 63}                          # task label -> CHAOS PNG grey level
 BTCV_LABEL = {1: 1, 2: 2, 3: 3, 4: 6}                                 # task label -> BTCV / AMOS value

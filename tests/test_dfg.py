@@ -10,7 +10,7 @@ import torch
 
 from helpers_methods import ORGANS, dfg_cfg, make_context, synthetic_cases
 from sfdabench.api import TargetImages
-from sfdabench.losses import bidirectional_transport_loss
+from sfdabench.blocks.losses import bidirectional_transport_loss
 from sfdabench_methods.dfg.feature_aggregation import feature_aggregation
 from sfdabench_methods.dfg.method import DFG
 

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from sfdabench.config import compose_run_config
+from sfdabench.harness.config import compose_run_config
 from sfdabench_methods.dfg.box_search import centroid_distance
 from sfdabench_methods.dfg.calibrate import allowed_region_dice, best_cap, main, outside_share
 

@@ -24,10 +24,10 @@ from scipy.stats import wilcoxon
 
 from conftest import REPO, TINY_PHANTOM, run_cli
 from helpers_leaderboard import write_run
-from sfdabench import ablate, compare, leaderboard as lb
+from sfdabench.analysis import ablate, compare, leaderboard as lb
 from sfdabench.api import UsageError
 from sfdabench.cli import main
-from sfdabench.results import append_rows, read_rows
+from sfdabench.harness.results import append_rows, read_rows
 
 ORGANS = ["spleen", "liver"]
 
@@ -406,7 +406,7 @@ def test_joblib_launcher_composes():
 def _compose_with_hydra(overrides):
     from hydra import compose, initialize_config_module
 
-    from sfdabench.config import hydra_searchpath_override
+    from sfdabench.harness.config import hydra_searchpath_override
 
     with initialize_config_module("sfdabench_configs", version_base=None):
         return compose("run", overrides=hydra_searchpath_override(overrides), return_hydra_config=True)
@@ -436,8 +436,8 @@ def test_slurm_job_pickles_and_runs_in_a_fresh_interpreter(tmp_path, shared_cach
     from hydra.core.singleton import Singleton
     from hydra.types import HydraContext
 
-    from sfdabench.config import hydra_searchpath_override
-    from sfdabench.launch import _job
+    from sfdabench.harness.config import hydra_searchpath_override
+    from sfdabench.harness.launch import _job
 
     results = tmp_path / "res"
     job_overrides = ["method=source_only", "seed=0", f"results_dir={results}", f"cache_dir={shared_cache}",

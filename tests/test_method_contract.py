@@ -14,7 +14,7 @@ import torch
 
 from helpers_methods import ORGANS, ThresholdSam, make_context, method_config, synthetic_cases
 from sfdabench.api import TargetImages
-from sfdabench.plugins import get_registry
+from sfdabench.harness.plugins import get_registry
 
 METHODS = get_registry().names("methods")
 #: methods that return the source model unchanged by design
@@ -24,8 +24,8 @@ NO_TRAINING = {"source_only"}
 @pytest.fixture(scope="module")
 def tiny_source():
     from sfdabench.api import SliceDataset
-    from sfdabench.nets import build_segmenter
-    from sfdabench.training import train_supervised
+    from sfdabench.blocks.nets import build_segmenter
+    from sfdabench.blocks.training import train_supervised
 
     torch.manual_seed(0)
     model = build_segmenter({"width": 4, "depth": 2}, len(ORGANS) + 1)

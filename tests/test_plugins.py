@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO, TINY_PHANTOM, run_cli
 from sfdabench.api import SfdaBenchError
-from sfdabench.plugins import Registry
+from sfdabench.harness.plugins import Registry
 
 
 @pytest.fixture(scope="module")

@@ -176,7 +176,7 @@ def test_cli_prepare_phantom_has_nothing_to_prepare(tmp_path):
 
 
 def test_real_task_configs_compose_with_documented_splits():
-    from sfdabench.prepare import compose_run_config
+    from sfdabench.harness.prepare import compose_run_config
 
     mri2ct = compose_run_config(["task=mri2ct"])
     assert mri2ct.task.data_protocol.startswith("gt-z-crop (paper protocol)")
@@ -188,7 +188,7 @@ def test_real_task_configs_compose_with_documented_splits():
     for name in ("amos_mri2ct", "amos_ct2mri", "sample_chaos2amos"):
         cfg = compose_run_config([f"task={name}"])
         assert cfg.task.source.params.z_crop_to_labels is True
-    from sfdabench.plugins import get_registry
+    from sfdabench.harness.plugins import get_registry
 
     ds = get_registry().get("datasets", "btcv")(mri2ct.task.target, list(mri2ct.task.organs), Path("/tmp"))
     assert len(ds.case_ids("train")) == 24 and "0009" in ds.case_ids("test")

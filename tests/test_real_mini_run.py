@@ -49,8 +49,8 @@ def test_real_mini_run_source_only_and_dfg(sample_data, tmp_path):
 def test_z_step_keeps_every_kth_slice_and_scales_the_spacing(sample_data, tmp_path):
     from omegaconf import OmegaConf
 
-    from sfdabench.plugins import get_registry
-    from sfdabench.prepare import compose_run_config
+    from sfdabench.harness.plugins import get_registry
+    from sfdabench.harness.prepare import compose_run_config
 
     cases = {}
     for step in (1, 4):

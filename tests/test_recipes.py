@@ -10,8 +10,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from conftest import REPO, TINY_PHANTOM, run_cli
-from sfdabench.config import compose_run_config
-from sfdabench.plugins import get_registry
+from sfdabench.harness.config import compose_run_config
+from sfdabench.harness.plugins import get_registry
 
 DFG_RETRAIN = yaml.safe_load((REPO / "configs" / "recipe" / "dfg_retrain.yaml").read_text())
 

@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from sfdabench.results import cpu_model, read_rows
-from sfdabench.source_model import weights_hash
+from sfdabench.harness.results import cpu_model, read_rows
+from sfdabench.harness.source_model import weights_hash
 
 REFERENCE = REPO / "leaderboard"
 ENVIRONMENT = json.loads((REFERENCE / "reference_environment.json").read_text())

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from sfdabench.api import UsageError
-from sfdabench.results import LEADERBOARD_COLUMNS, append_rows, config_hash, read_rows
+from sfdabench.harness.results import LEADERBOARD_COLUMNS, append_rows, config_hash, read_rows
 
 #: Identifiers pandas' type guessing used to change (hashes that look like numbers, leading zeros, NA words).
 TRICKY = ["5549378735e3", "000123456789", "0a2bce19c4b9", "1e5", "nan", "NaN", "inf", "-0", "NA", "null", "None",

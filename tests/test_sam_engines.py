@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sfdabench.api import SamEmbedding, UsageError
-from sfdabench.protocol import _sam_tag
+from sfdabench.harness.protocol import _sam_tag
 from sfdabench.sam import LiteMedSamBackend, engines
 from sfdabench.sam.cache import EmbeddingCache
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import TINY_PHANTOM, run_cli
-from sfdabench import atomic
-from sfdabench.results import read_rows
+from sfdabench.blocks import atomic
+from sfdabench.harness.results import read_rows
 
 #: Columns that legitimately differ between two runs of one config: wall-clock facts.
 WALL_CLOCK = ["runtime_s", "finished_at"]
@@ -58,7 +58,7 @@ def test_source_weights_is_the_sha256_of_the_checkpoint_file(tmp_path):
 
 
 def test_weak_source_flag_names_mean_and_organs():
-    from sfdabench.protocol import weak_source_flag
+    from sfdabench.harness.protocol import weak_source_flag
 
     dice = {"spleen": 0.95, "liver": 0.7, "mean": 0.825}
     assert weak_source_flag(dice, ["spleen", "liver"], {"mean": 0.9, "organ": 0.8}) == \
@@ -124,9 +124,9 @@ def test_export_import_runs_on_the_very_same_weights(tmp_path):
 ])
 def test_import_refuses_weights_of_another_seed_or_architecture(tmp_path, extra, expected):
     meta = {"key": "k", "task": "phantom_mri2ct", "seed": 0}
-    from sfdabench.nets import build_segmenter
+    from sfdabench.blocks.nets import build_segmenter
     from omegaconf import OmegaConf
-    from sfdabench.config import compose_run_config
+    from sfdabench.harness.config import compose_run_config
 
     cfg = compose_run_config([*TINY_PHANTOM, f"results_dir={tmp_path}"])
     model = build_segmenter(OmegaConf.to_container(cfg["source"], resolve=True), 5)

@@ -1,4 +1,4 @@
-"""Intervals, paired tests and significance ranks (sfdabench.statistics) and how the leaderboard uses them."""
+"""Intervals, paired tests and significance ranks (sfdabench.analysis.statistics) and how the leaderboard uses them."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from helpers_leaderboard import write_run
-from sfdabench import leaderboard as lb, statistics as st
+from sfdabench.analysis import leaderboard as lb, statistics as st
 from sfdabench.cli import main
 
 

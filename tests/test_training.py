@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from sfdabench.nets import build_segmenter
-from sfdabench.losses import soft_dice_loss
-from sfdabench.training import Augment, train_supervised
+from sfdabench.blocks.nets import build_segmenter
+from sfdabench.blocks.losses import soft_dice_loss
+from sfdabench.blocks.training import Augment, train_supervised
 
 
 def test_soft_dice_is_zero_for_perfect_and_high_for_wrong_predictions():
@@ -82,7 +82,7 @@ def test_pseudo_label_training_shares_the_step_budget():
     import numpy as np
 
     from sfdabench.api import Case, Context, TargetImages
-    from sfdabench.self_training import train_on_pseudo_labels
+    from sfdabench.blocks.self_training import train_on_pseudo_labels
 
     rng = np.random.default_rng(0)
     cases = [Case(str(i), rng.random((4, 16, 16), dtype=np.float32), None, (1.0, 1.0, 1.0)) for i in range(3)]

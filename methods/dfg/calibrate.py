@@ -42,8 +42,8 @@ import torch
 from scipy import ndimage
 
 from sfdabench.api import SliceDataset
-from sfdabench.evaluation import dice_per_organ
-from sfdabench.training import predict
+from sfdabench.harness.evaluation import dice_per_organ
+from sfdabench.blocks.training import predict
 
 from .box_search import BoxSearchConfig, centroid_distance, mbs_threshold, sam_feature_map, search_slice
 
@@ -119,11 +119,11 @@ def best_cap(table: pd.DataFrame, tolerance: float = TIE_TOLERANCE) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     from omegaconf import OmegaConf
 
-    from sfdabench import source_model
+    from sfdabench.harness import source_model
     from sfdabench.api import SfdaBenchError
-    from sfdabench.config import compose_run_config
-    from sfdabench.plugins import get_registry
-    from sfdabench.protocol import _build_sam, build_metrics, load_task, resolve_device
+    from sfdabench.harness.config import compose_run_config
+    from sfdabench.harness.plugins import get_registry
+    from sfdabench.harness.protocol import _build_sam, build_metrics, load_task, resolve_device
 
     args = list(sys.argv[1:] if argv is None else argv)
     every, caps, overrides = 2, list(DEFAULT_CAPS), []

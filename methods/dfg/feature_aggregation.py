@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from sfdabench.api import Context, TargetImages
-from sfdabench.losses import bidirectional_transport_loss
-from sfdabench.self_training import mean_target_prediction
-from sfdabench.training import Augment, forever, loader, make_optimizer
+from sfdabench.blocks.losses import bidirectional_transport_loss
+from sfdabench.blocks.self_training import mean_target_prediction
+from sfdabench.blocks.training import Augment, forever, loader, make_optimizer
 
 
 def feature_aggregation(model: nn.Module, target_train: TargetImages, cfg: Mapping[str, Any],

@@ -24,7 +24,7 @@ from __future__ import annotations
 from torch import nn
 
 from sfdabench.api import Context, Method, TargetImages
-from sfdabench.training import predict_target, train_supervised
+from sfdabench.blocks.training import predict_target, train_supervised
 
 from .feature_aggregation import feature_aggregation
 from .postprocess import connectivity_postprocess

@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from sfdabench import atomic
+from sfdabench.blocks import atomic
 from sfdabench.api import SamBackend, SamEmbedding
 
 log = logging.getLogger("sfdabench")

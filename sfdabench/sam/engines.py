@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sfdabench import atomic
+from sfdabench.blocks import atomic
 
 log = logging.getLogger("sfdabench")
 

@@ -68,7 +68,7 @@ class ExampleMethods(Command):
 
     @staticmethod
     def main(args):
-        from sfdabench.plugins import get_registry
+        from sfdabench.harness.plugins import get_registry
 
         if any(a not in ("--sfda",) for a in args):
             raise UsageError(f"example-methods takes only --sfda, got {' '.join(args)}")

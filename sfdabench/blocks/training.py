@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfdabench.api import Context, SliceDataset, TargetImages
-from sfdabench.losses import segmentation_loss
+from sfdabench.blocks.losses import segmentation_loss
 
 
 # ----------------------------------------------------------------------------------- augmentation

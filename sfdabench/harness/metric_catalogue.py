@@ -15,7 +15,7 @@ from sfdabench.api import UsageError
 
 
 def _classes() -> dict:
-    from sfdabench.plugins import get_registry
+    from sfdabench.harness.plugins import get_registry
 
     return {name: entry.obj for name, entry in get_registry().entries["metrics"].items()}
 

@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sfdabench import results, source_model
-from sfdabench.determinism import flush_denormals, seed_everything, use_deterministic_kernels
+from sfdabench.harness import results, source_model
+from sfdabench.harness.determinism import flush_denormals, seed_everything, use_deterministic_kernels
 from sfdabench.api import Case, Context, Method, SfdaBenchError, TargetImages, _plain
-from sfdabench.evaluation import evaluate
-from sfdabench.label_diagnostics import TargetLabelDiagnostics
-from sfdabench.plugins import Registry, get_registry
+from sfdabench.harness.evaluation import evaluate
+from sfdabench.harness.label_diagnostics import TargetLabelDiagnostics
+from sfdabench.harness.plugins import Registry, get_registry
 
 log = logging.getLogger("sfdabench")
 
@@ -94,10 +94,10 @@ def run_name(task: str, method: str, variant: str, seed: int, run_id: str) -> st
 def execute(cfg: Mapping[str, Any], registry: Registry | None = None) -> dict[str, Any]:
     """Run one (task, method, seed) under the protocol; returns the run summary.
 
-    The whole config is validated first (sfdabench.config.validate_config). A run that fails or is
+    The whole config is validated first (sfdabench.harness.config.validate_config). A run that fails or is
     interrupted (Ctrl-C) leaves no run folder behind: relaunching redoes it anyway, and a half-written folder
     would only mislead readers. Finished runs, cached source models and SAM embeddings are kept."""
-    from sfdabench.config import validate_config
+    from sfdabench.harness.config import validate_config
 
     registry = registry or get_registry()
     validate_config(cfg, registry)
@@ -289,8 +289,8 @@ def _record(run: Run, adapted: torch.nn.Module, context: Context, progress) -> d
 def prediction_shares(model: torch.nn.Module, cases: list[Case], organs: list[str], device: torch.device,
                       batch_size: int) -> dict[str, float]:
     """Share of all pixels of ``cases`` that ``model``'s argmax gives each class (background first)."""
-    from sfdabench.self_training import class_shares
-    from sfdabench.training import predict
+    from sfdabench.blocks.self_training import class_shares
+    from sfdabench.blocks.training import predict
 
     labels = predict(model, TargetImages(cases), device=device, batch_size=batch_size)["label"]
     return class_shares(labels, ["background", *organs])
@@ -337,7 +337,7 @@ def weak_source_flag(in_domain: Mapping[str, float], organs: list[str], minimum:
 def format_table(summary: Mapping[str, Any]) -> str:
     """The per-organ table printed at the end of a run."""
     table = pd.DataFrame(summary["metrics"]).T
-    from sfdabench import metric_catalogue
+    from sfdabench.harness import metric_catalogue
 
     names = summary.get("metric_names") or metric_catalogue.columns(table.columns)
     table = table[[c for c in names if c in table.columns]].astype(float)

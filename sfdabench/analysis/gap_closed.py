@@ -21,8 +21,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from sfdabench import metric_catalogue
-from sfdabench.results import source_model
+from sfdabench.harness import metric_catalogue
+from sfdabench.harness.results import source_model
 
 _SOURCE = "_source_model"  # working column: the source model a row started from
 #: Smallest upper - lower difference of a bounded metric (Dice) for which the ratio means anything.
@@ -47,7 +47,7 @@ def _reference(rows: pd.DataFrame, method: str) -> tuple[pd.DataFrame, list[str]
 
 def references() -> tuple[str, str]:
     """(lower, upper): the methods that declare ``reference = "lower"`` / ``"upper"`` ("" where none does)."""
-    from sfdabench.plugins import get_registry
+    from sfdabench.harness.plugins import get_registry
 
     roles = get_registry().references()
     return roles.get("lower", ""), roles.get("upper", "")

@@ -33,10 +33,10 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from sfdabench import leaderboard as lb
-from sfdabench import metric_catalogue
+from sfdabench.analysis import leaderboard as lb
+from sfdabench.harness import metric_catalogue
 from sfdabench.api import Ablation, SfdaBenchError, UsageError
-from sfdabench.label_diagnostics import CEILING_STAGES
+from sfdabench.harness.label_diagnostics import CEILING_STAGES
 
 log = logging.getLogger("sfdabench")
 
@@ -50,7 +50,7 @@ EFFICIENCY = "efficiency"
 
 def method_ablation(name: str) -> tuple[type, Ablation]:
     """The registered method class of that name and its ablation grid (a one-line error if it has none)."""
-    from sfdabench.plugins import get_registry
+    from sfdabench.harness.plugins import get_registry
 
     registry = get_registry()
     cls = registry.get("methods", name)
@@ -106,7 +106,7 @@ class Request:
 
 def parse_args(args: Sequence[str]) -> Request:
     """The method, seeds, variants, table_only and the pass-through Hydra overrides; names checked first."""
-    from sfdabench.config import expand_config_dirs
+    from sfdabench.harness.config import expand_config_dirs
 
     method, seeds, names, table_only, overrides, settings_keys = None, [0, 1, 2], None, False, [], []
     for arg in expand_config_dirs(args):
@@ -175,8 +175,8 @@ def _refuse_sweeps(overrides: Sequence[str]) -> None:
 def expected_runs(request: Request) -> tuple[pd.DataFrame, Any]:
     """(variant, seed, run_id) of every grid run, from the composed configs; and one composed config."""
     from sfdabench.api import _plain
-    from sfdabench.config import compose_run_config
-    from sfdabench.results import config_hash
+    from sfdabench.harness.config import compose_run_config
+    from sfdabench.harness.results import config_hash
 
     cls, _ = method_ablation(request.method)
     records, cfg = [], None
@@ -194,7 +194,7 @@ def expected_runs(request: Request) -> tuple[pd.DataFrame, Any]:
 
 def launch(request: Request) -> int:
     """One Hydra multirun over variants x seeds (launchers apply); the exit code of the sweep."""
-    from sfdabench.launch import run
+    from sfdabench.harness.launch import run
 
     # prevalidated: expected_runs() composed and checked every grid config already
     return run(["-m", f"method={request.method}", f"+{GROUP}={','.join(request.variants)}",
@@ -296,7 +296,7 @@ def ablation_markdown(table: pd.DataFrame, task: str, seeds: Sequence[int], miss
 
 def write_table(expected: pd.DataFrame, results_dir: Path, task: str, seeds: Sequence[int],
                 method: str) -> tuple[str, list[str]]:
-    from sfdabench.results import atomic_write_text
+    from sfdabench.harness.results import atomic_write_text
 
     cls, ablation = method_ablation(method)
     table, missing = ablation_table(expected, results_dir, ablation)

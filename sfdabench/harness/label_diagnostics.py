@@ -15,7 +15,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from sfdabench.api import Case, SamBackend
-from sfdabench.evaluation import dice_per_organ, label_confusion, quality_by_slice_group
+from sfdabench.harness.evaluation import dice_per_organ, label_confusion, quality_by_slice_group
 
 
 #: The pseudo-label stages this service records itself (``Context.box_prompt_ceiling``), with their labels;
@@ -45,11 +45,11 @@ class TargetLabelDiagnostics:
         return cls(cases, organs, progress) if all(c.label is not None for c in cases) else None
 
     def dice(self, volumes: Sequence[np.ndarray]) -> dict[str, float]:
-        """Dice per organ and ``mean`` (see :func:`sfdabench.evaluation.dice_per_organ`)."""
+        """Dice per organ and ``mean`` (see :func:`sfdabench.harness.evaluation.dice_per_organ`)."""
         return dice_per_organ(volumes, self.labels, self.organs)
 
     def confusion(self, volumes: Sequence[np.ndarray]) -> dict:
-        """Voxel counts ground truth class -> pseudo-label class (see :func:`sfdabench.evaluation.label_confusion`)."""
+        """Voxel counts ground truth class -> pseudo-label class (see :func:`sfdabench.harness.evaluation.label_confusion`)."""
         return label_confusion(volumes, self.labels, self.organs)
 
     def by_group(self, volumes: Sequence[np.ndarray], groups: Mapping[str, Sequence[Sequence[str]]]) -> dict:

@@ -21,7 +21,7 @@ import yaml
 from sfdabench import hookspecs
 from sfdabench.api import SfdaBenchError, UsageError
 
-log = logging.getLogger("sfdabench.plugins")
+log = logging.getLogger("sfdabench.harness.plugins")
 
 ENTRY_POINT_GROUP = "sfdabench"
 STRICT_ENV = "SFDABENCH_STRICT_PLUGINS"

@@ -1,8 +1,8 @@
-"""``sfdabench run``: check every job's config (sfdabench.config), then launch Hydra, one protocol run per job.
+"""``sfdabench run``: check every job's config (sfdabench.harness.config), then launch Hydra, one protocol run per job.
 
 Hydra's ``hydra.main`` reads its flags (``-m``, ``--cfg``, ``hydra/launcher=...``) from ``sys.argv``; it has no
 other entry that keeps the launchers and sweepers, so :func:`run` sets ``sys.argv`` for the call and restores
-it. Launchers pickle :func:`_job` by its qualified name, ``sfdabench.launch._job``.
+it. Launchers pickle :func:`_job` by its qualified name, ``sfdabench.harness.launch._job``.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from typing import Sequence
 
 from sfdabench.api import SfdaBenchError
-from sfdabench.config import (compose_config, hydra_searchpath_override, parse_run_args, setup_logging, sweep_jobs,
+from sfdabench.harness.config import (compose_config, hydra_searchpath_override, parse_run_args, setup_logging, sweep_jobs,
                               validate_config, validate_overrides)
 
 
@@ -22,7 +22,7 @@ def run(args: Sequence[str], prevalidated: bool = False) -> int:
     if not prevalidated:
         # A sweep only Hydra can expand (None) is left to the checks execute() repeats in every job.
         jobs = (sweep_jobs(ra.overrides) or []) if ra.multirun else [ra.overrides]
-        from sfdabench.plugins import get_registry
+        from sfdabench.harness.plugins import get_registry
 
         registry = get_registry()
         for job in jobs:
@@ -51,7 +51,7 @@ def _hydra_main() -> None:
 
 def _job(cfg) -> None:
     """One Hydra job = one protocol run. User errors end the process with one line and their exit code."""
-    from sfdabench.protocol import execute, format_table
+    from sfdabench.harness.protocol import execute, format_table
 
     setup_logging()
     try:

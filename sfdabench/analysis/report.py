@@ -34,10 +34,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from sfdabench import metric_catalogue
+from sfdabench.harness import metric_catalogue
 from sfdabench.api import SfdaBenchError, UsageError
-from sfdabench.label_diagnostics import CEILING_STAGES
-from sfdabench.results import read_rows
+from sfdabench.harness.label_diagnostics import CEILING_STAGES
+from sfdabench.harness.results import read_rows
 
 log = logging.getLogger("sfdabench")
 
@@ -69,7 +69,7 @@ def load_test_cases(run: Mapping[str, Any]) -> list:
     """The run's target-test cases (images + labels), loaded again through its resolved config."""
     from omegaconf import OmegaConf
 
-    from sfdabench.plugins import get_registry
+    from sfdabench.harness.plugins import get_registry
 
     cfg = OmegaConf.create(run["config"])
     cache = Path(str(cfg.get("cache_dir", "")))
@@ -239,7 +239,7 @@ HARNESS_STAGES = CEILING_STAGES
 def stage_labels(method: str) -> dict[str, str]:
     """The run's method's pseudo-label stages in the order it produces them, then the harness's; {} for a method
     that is not installed (its stages then follow in their recorded order, unlabelled)."""
-    from sfdabench.plugins import get_registry
+    from sfdabench.harness.plugins import get_registry
 
     registry = get_registry()
     own = dict(registry.get("methods", method).stage_labels) if method in registry.names("methods") else {}
@@ -361,7 +361,7 @@ def render(run: Mapping[str, Any], out: Path, max_cases: int) -> Path:
                         "can do without fixing that model's class errors).</p>" + _table(pl))
     confusion = diagnostics.get("pseudo_label_confusion") or {}
     if confusion:
-        from sfdabench.evaluation import confusion_highlights
+        from sfdabench.harness.evaluation import confusion_highlights
 
         rows = {stage: "; ".join(confusion_highlights(table)) or "none" for stage, table in confusion.items()}
         sections.append("<h2>Where each organ went</h2><p class='note'>Pseudo-label confusion against "
@@ -397,7 +397,7 @@ def render(run: Mapping[str, Any], out: Path, max_cases: int) -> Path:
         sections.append("<h2>Per case</h2>" + _table(run["per_case"][cols].set_index("case")))
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body>{''.join(sections)}<script>{SCRIPT}</script></body></html>\n")
-    from sfdabench.results import atomic_write_text
+    from sfdabench.harness.results import atomic_write_text
 
     path = out / "index.html"
     atomic_write_text(path, page)

@@ -5,7 +5,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from sfdabench.nets.unet import UNet
+from sfdabench.blocks.nets.unet import UNet
 
 ARCHITECTURES = {"unet": UNet}
 

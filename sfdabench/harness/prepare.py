@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sfdabench.api import UsageError
 # Shared with run and ablate (and imported from here by older callers).
-from sfdabench.config import compose_run_config  # noqa: F401
+from sfdabench.harness.config import compose_run_config  # noqa: F401
 
 HELP = """usage: sfdabench prepare task=<t> [data.<dataset>.root=<dir>] [--config-dir DIR] [overrides]
 
@@ -24,7 +24,7 @@ An interrupted prepare keeps the cases it finished; running it again continues."
 
 
 def cmd_prepare(args: list[str]) -> int:
-    from sfdabench.plugins import get_registry
+    from sfdabench.harness.plugins import get_registry
 
     if any(a in ("-h", "--help") for a in args):
         print(HELP)

@@ -9,12 +9,13 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from sfdabench import atomic, results
+from sfdabench.blocks import atomic
+from sfdabench.harness import results
 from sfdabench.api import SfdaBenchError, UsageError
-from sfdabench.config import compose_run_config
-from sfdabench.plugins import get_registry
-from sfdabench.protocol import load_task
-from sfdabench.source_model import cache_path, load, sidecar, weights_hash
+from sfdabench.harness.config import compose_run_config
+from sfdabench.harness.plugins import get_registry
+from sfdabench.harness.protocol import load_task
+from sfdabench.harness.source_model import cache_path, load, sidecar, weights_hash
 
 log = logging.getLogger("sfdabench")
 

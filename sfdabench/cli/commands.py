@@ -8,7 +8,7 @@ from typing import Sequence
 
 from sfdabench.api import Command, UsageError
 from sfdabench.hookspecs import hookimpl
-from sfdabench.plugins import KINDS, get_registry
+from sfdabench.harness.plugins import KINDS, get_registry
 
 RESUMABLE = ("the unfinished run's folder was removed; finished runs and cached source models are kept: run the "
              "same command again to resume")
@@ -51,7 +51,7 @@ class Run(Command):
 
     @staticmethod
     def main(args: Sequence[str]) -> int:
-        from sfdabench.launch import run
+        from sfdabench.harness.launch import run
 
         if any(a in ("-h", "--help") for a in args):
             print(RUN_HELP)
@@ -80,7 +80,7 @@ class Prepare(Command):
 
     @staticmethod
     def main(args: Sequence[str]) -> int:
-        from sfdabench.prepare import cmd_prepare
+        from sfdabench.harness.prepare import cmd_prepare
 
         return cmd_prepare(list(args))
 
@@ -94,7 +94,7 @@ class Leaderboard(Command):
 
     @staticmethod
     def main(args: Sequence[str]) -> int:
-        from sfdabench.leaderboard import cmd_leaderboard
+        from sfdabench.analysis.leaderboard import cmd_leaderboard
 
         return cmd_leaderboard(list(args))
 
@@ -109,7 +109,7 @@ class Compare(Command):
 
     @staticmethod
     def main(args: Sequence[str]) -> int:
-        from sfdabench.compare import cmd_compare
+        from sfdabench.analysis.compare import cmd_compare
 
         return cmd_compare(list(args))
 
@@ -124,7 +124,7 @@ class Ablate(Command):
 
     @staticmethod
     def main(args: Sequence[str]) -> int:
-        from sfdabench.ablate import cmd_ablate
+        from sfdabench.analysis.ablate import cmd_ablate
 
         return cmd_ablate(list(args))
 
@@ -138,7 +138,7 @@ class Report(Command):
 
     @staticmethod
     def main(args: Sequence[str]) -> int:
-        from sfdabench.report import cmd_report
+        from sfdabench.analysis.report import cmd_report
 
         return cmd_report(list(args))
 
@@ -152,7 +152,7 @@ class Source(Command):
 
     @staticmethod
     def main(args: Sequence[str]) -> int:
-        from sfdabench.source_cli import cmd_source
+        from sfdabench.cli.source_cli import cmd_source
 
         return cmd_source(list(args))
 

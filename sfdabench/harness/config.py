@@ -7,7 +7,7 @@
 - Names (``method=``, ``task=``, ``sam=``) are checked against the registry and the search path, then every
   job's config is composed with Hydra's compose API (a misspelled key names the closest valid one) and the
   whole composed config is validated (:func:`validate_config`) before Hydra starts and anything runs.
-- :mod:`sfdabench.launch` hands the checked overrides to Hydra (``hydra.main``): one protocol run per job.
+- :mod:`sfdabench.harness.launch` hands the checked overrides to Hydra (``hydra.main``): one protocol run per job.
 
 Every problem is a :class:`~sfdabench.api.UsageError`: one line naming the problem and the fix, exit code 2.
 This module imports neither the CLI, the launcher, the protocol nor ``prepare``/``ablate``; they import it.
@@ -180,7 +180,7 @@ def _user_searchpath(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def search_path(overrides: Sequence[str]) -> list[str]:
     """Plugin config folders (built-ins first), then the user's folders."""
-    from sfdabench.plugins import get_registry
+    from sfdabench.harness.plugins import get_registry
 
     user, _ = _user_searchpath(overrides)
     return list(dict.fromkeys([p for _, p in get_registry().config_searchpath()] + user))
@@ -196,7 +196,7 @@ def hydra_searchpath_override(args: Sequence[str]) -> list[str]:
 
 def group_options(group: str, paths: Sequence[str]) -> list[str]:
     """Option names of a config group (``<folder>/<group>/<name>.yaml``) across the search path."""
-    from sfdabench.plugins import _resolve_pkg_path
+    from sfdabench.harness.plugins import _resolve_pkg_path
 
     names: list[str] = []
     for path in paths:
@@ -210,7 +210,7 @@ def group_options(group: str, paths: Sequence[str]) -> list[str]:
 def validate_overrides(args: Sequence[str]) -> None:
     """Check ``method=``, ``task=`` and ``sam=`` values (also comma sweeps) against the registry and the
     search path (user folders included)."""
-    from sfdabench.plugins import get_registry
+    from sfdabench.harness.plugins import get_registry
 
     registry = get_registry()
     paths = search_path(args)
@@ -377,7 +377,7 @@ def validate_config(cfg: Mapping[str, Any], registry=None) -> None:
     output folders, metrics, method and (when the method prompts SAM) the SAM settings. Cheap: no data,
     no weights are loaded (the protocol builds the SAM backend before training, which reads the checkpoint).
     """
-    from sfdabench.plugins import get_registry
+    from sfdabench.harness.plugins import get_registry
 
     registry = registry or get_registry()
     cfg = _plain(cfg)
@@ -464,7 +464,7 @@ def _build_method(method_cfg: Mapping[str, Any], registry):
 def validate_sam(sam_cfg: Mapping[str, Any], registry=None) -> None:
     """Cheap SAM checks (backend name, precision, model type, checkpoint file present) via the backend's
     ``check_config`` classmethod when it has one; reading the weights is left to building the backend."""
-    from sfdabench.plugins import get_registry
+    from sfdabench.harness.plugins import get_registry
 
     registry = registry or get_registry()
     backend = registry.get("sam", str(sam_cfg.get("name")))

@@ -22,7 +22,7 @@ from typing import Any, Iterator, Mapping
 
 import pandas as pd
 
-from sfdabench import atomic
+from sfdabench.blocks import atomic
 
 LEADERBOARD_COLUMNS = [
     "task", "method", "variant", "seed", "organ", "dice", "asd", "hd95", "asd_unit", "empty_policy", "selection",
@@ -146,7 +146,7 @@ def locked(path: Path) -> Iterator[None]:
 #: Leaderboard / per_case columns read as numbers. Every other column (identifiers, protocol text, columns this
 #: version does not know) is kept as the exact string written: pandas' type guessing turned a hash such as
 #: ``5549378735e3`` into ``5549378735000.0`` and dropped leading zeros of ``000123456789``.
-#: Besides these, every registered metric's column is numeric (sfdabench.metric_catalogue).
+#: Besides these, every registered metric's column is numeric (sfdabench.harness.metric_catalogue).
 INTEGER_COLUMNS = ("seed", "n_cases", "train_threads", "gt_voxels", "pred_voxels")
 NUMERIC_COLUMNS = INTEGER_COLUMNS + ("runtime_s", "source_dice")
 #: Columns renamed on reading (old name -> current name).
@@ -224,7 +224,7 @@ def read_rows(path: str | Path, numeric: tuple[str, ...] | list[str] = ()) -> pd
             rows = rows.drop(columns=old)
     if "source_config" in rows and "source_weights" not in rows:
         rows.insert(rows.columns.get_loc("source_config"), "source_weights", "")  # not recorded
-    from sfdabench import metric_catalogue
+    from sfdabench.harness import metric_catalogue
 
     for col in dict.fromkeys([*NUMERIC_COLUMNS, *metric_catalogue.names(), *numeric]):
         if col in rows:

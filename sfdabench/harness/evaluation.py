@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from sfdabench.api import Case, Metric, SliceDataset
-from sfdabench.training import predict
+from sfdabench.blocks.training import predict
 
 
 def score_volumes(predictions: Sequence[np.ndarray], cases: Sequence[Case], organs: Sequence[str],

@@ -15,7 +15,7 @@ Rows are only comparable under one protocol, so merging is refused (one line, ex
 unless ``--allow-mixed COL[,COL]`` is given. Allowed mixed protocol columns (other than ``source_weights``)
 join the aggregation key, so rows of different protocols are shown side by side, never averaged together.
 
-Rows are read by :func:`sfdabench.results.read_rows`: identifiers and text are kept as the strings written.
+Rows are read by :func:`sfdabench.harness.results.read_rows`: identifiers and text are kept as the strings written.
 """
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from sfdabench import gap_closed, statistics
+from sfdabench.analysis import gap_closed, statistics
 from sfdabench.api import UsageError
-from sfdabench import metric_catalogue
-from sfdabench.results import read_rows, source_model
+from sfdabench.harness import metric_catalogue
+from sfdabench.harness.results import read_rows, source_model
 
 log = logging.getLogger("sfdabench")
 
@@ -322,7 +322,7 @@ def organ_order(rows: pd.DataFrame) -> list[str]:
 def aggregate(rows: pd.DataFrame, allow_mixed: Iterable[str] = (), cases: pd.DataFrame | None = None
               ) -> pd.DataFrame:
     """Per (key, organ): mean, std (ddof=1), n and a 95% t interval over seeds of each metric; ranks among SFDA
-    rows by mean; the paired difference to the lower reference method (``Method.reference``) and significance ranks (sfdabench.statistics),
+    rows by mean; the paired difference to the lower reference method (``Method.reference``) and significance ranks (sfdabench.analysis.statistics),
     over the per-case values in ``cases`` where every run has them, else over seeds."""
     check_protocol(rows, allow_mixed)
     key = group_key(allow_mixed)
@@ -646,7 +646,7 @@ def summarize(inputs: Sequence[str | Path], allow_mixed: Sequence[str] = ()) -> 
 
 def write_outputs(summary: pd.DataFrame, out_dir: Path, name: str = SUMMARY_NAME,
                   cost_table: pd.DataFrame | None = None) -> dict[str, Path]:
-    from sfdabench.results import atomic_write_text
+    from sfdabench.harness.results import atomic_write_text
 
     paths = {ext: out_dir / f"{name}.{ext}" for ext in ("csv", "md", "png")}
     if cost_table is not None and len(cost_table):
@@ -668,7 +668,7 @@ def export_rows(rows: pd.DataFrame, out_dir: Path, cases: pd.DataFrame | None = 
     order), in the column order of a results dir's ``leaderboard.csv``: committed reference leaderboards. With
     ``cases``, also their per-case rows as ``<task>_cases.csv`` (organs only: the per-case ``mean`` is
     recomputed on reading), which the paired tests need."""
-    from sfdabench.results import LEADERBOARD_COLUMNS, atomic_write_text
+    from sfdabench.harness.results import LEADERBOARD_COLUMNS, atomic_write_text
 
     paths = {}
     columns = [c for c in LEADERBOARD_COLUMNS if c in rows] + [c for c in rows if c not in LEADERBOARD_COLUMNS]

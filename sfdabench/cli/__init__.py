@@ -1,11 +1,11 @@
 """The ``sfdabench`` command: ``sfdabench <command> [args]``, where every command is a plugin
 (:class:`sfdabench.api.Command`, hook ``sfdabench_commands``; the built-in ``run``, ``list``, ``prepare``,
-``leaderboard``, ``compare``, ``ablate``, ``report`` and ``source`` are in sfdabench/commands.py).
+``leaderboard``, ``compare``, ``ablate``, ``report`` and ``source`` are in sfdabench/cli/commands.py).
 
 ``sfdabench run method=<m> task=<t> seed=<n> [overrides]`` composes ``configs/run.yaml`` with the
 config groups of every plugin and the user's config folders (Hydra search path) and runs one protocol run
 per job; ``-m`` gives a Hydra multirun sweep. Names, keys and values of every job are checked before Hydra
-starts (sfdabench/config.py), so a mistake gives one line and exit code 2 instead of a traceback; Ctrl-C
+starts (sfdabench/harness/config.py), so a mistake gives one line and exit code 2 instead of a traceback; Ctrl-C
 gives one line and exit code 130.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 from typing import Sequence
 
 from sfdabench.api import SfdaBenchError
-from sfdabench.config import setup_logging
+from sfdabench.harness.config import setup_logging
 
 log = logging.getLogger("sfdabench")
 
@@ -28,7 +28,7 @@ def usage(commands) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from sfdabench.plugins import get_registry
+    from sfdabench.harness.plugins import get_registry
 
     argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging()

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfdabench.api import Context, SliceDataset, TargetImages
-from sfdabench.losses import soft_dice_loss
-from sfdabench.training import Augment, fit, loader, make_optimizer
+from sfdabench.blocks.losses import soft_dice_loss
+from sfdabench.blocks.training import Augment, fit, loader, make_optimizer
 
 #: Label value of pixels excluded from the loss (pseudo-labels are uint8; organ labels are small integers).
 IGNORE = 255
@@ -147,8 +147,8 @@ def train_on_pseudo_labels(model: nn.Module, target_train: TargetImages, labels:
     """Train ``model`` (all parameters, train mode) on pseudo-label volumes; :data:`IGNORE` pixels are left out.
 
     ``cfg``: ``batch_size``, ``lr``, ``weight_decay``, ``optimizer``/``betas``/``momentum`` (see
-    :func:`~sfdabench.training.make_optimizer`), ``loss`` (ce | dice | ce+dice), the budget of :func:`~sfdabench.training.fit`
-    (``epochs`` with ``lr_step_epochs``/``lr_gamma``, default: constant rate; or ``steps``), ``augment`` (:class:`~sfdabench.training.Augment`; geometric transforms
+    :func:`~sfdabench.blocks.training.make_optimizer`), ``loss`` (ce | dice | ce+dice), the budget of :func:`~sfdabench.blocks.training.fit`
+    (``epochs`` with ``lr_step_epochs``/``lr_gamma``, default: constant rate; or ``steps``), ``augment`` (:class:`~sfdabench.blocks.training.Augment`; geometric transforms
     move the label with the image). A fixed budget; the last model is kept. Returns per-epoch mean losses.
     """
     model.to(context.device).train()

@@ -29,10 +29,10 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from sfdabench import leaderboard as lb
-from sfdabench import metric_catalogue
+from sfdabench.analysis import leaderboard as lb
+from sfdabench.harness import metric_catalogue
 from sfdabench.api import UsageError
-from sfdabench.results import source_model
+from sfdabench.harness.results import source_model
 
 log = logging.getLogger("sfdabench")
 ALIGN = ["task", "method", "variant", "organ"]
@@ -322,7 +322,7 @@ def cmd_compare(args: Sequence[str]) -> int:
     for line in source_differences(a, b):
         log.warning("compare: %s", line)
     if ns.out:
-        from sfdabench.results import atomic_write_text
+        from sfdabench.harness.results import atomic_write_text
 
         atomic_write_text(ns.out, text)
     return 1 if table["regressed"].any() else 0

@@ -9,7 +9,7 @@ Two names, two facts:
 
 The checkpoint file holds only what the weights determine (state dict and a meta dict of recipe facts), so
 identical weights give an identical file and hash; wall-clock facts (``train_seconds``) live in a JSON sidecar.
-``sfdabench source export/import`` move a checkpoint between machines byte for byte (sfdabench/source_cli.py).
+``sfdabench source export/import`` move a checkpoint between machines byte for byte (sfdabench/cli/source_cli.py).
 """
 from __future__ import annotations
 
@@ -24,11 +24,12 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from sfdabench import atomic, results
-from sfdabench.results import stable_hash
+from sfdabench.blocks import atomic
+from sfdabench.harness import results
+from sfdabench.harness.results import stable_hash
 from sfdabench.api import SfdaBenchError, SliceDataset, _plain
-from sfdabench.determinism import seed_everything
-from sfdabench.nets import build_segmenter
+from sfdabench.harness.determinism import seed_everything
+from sfdabench.blocks.nets import build_segmenter
 
 log = logging.getLogger("sfdabench")
 
@@ -109,8 +110,8 @@ def train_or_load(task, source_cfg: Mapping[str, Any], seed: int, device: torch.
                   metrics: Mapping[str, Any], progress) -> SourceCheckpoint:
     """The cached source model of (task, seed), trained now if the cache has none. Concurrent runs wait on a
     lock instead of training the same model twice."""
-    from sfdabench.evaluation import evaluate
-    from sfdabench.training import train_supervised
+    from sfdabench.harness.evaluation import evaluate
+    from sfdabench.blocks.training import train_supervised
 
     key = config_key(task, source_cfg, seed)
     path = Path(cache_dir) / "source" / f"{task.name}-seed{seed}-{key}.pt"

@@ -1,0 +1,1 @@
+"""Analysis of rows and run folders: leaderboards, statistics, compare, ablate, report."""

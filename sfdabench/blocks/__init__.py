@@ -1,0 +1,1 @@
+"""Building blocks a method may use (networks, training loops, losses)."""

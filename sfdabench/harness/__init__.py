@@ -1,0 +1,1 @@
+"""The run: config, registry, protocol, evaluation, results, source models, data preparation."""
