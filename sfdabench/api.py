@@ -1,8 +1,8 @@
 """The contracts every plugin implements: methods, dataset adapters, metrics and SAM backends.
 
-A plugin module imports from here (and from ``sfdabench.blocks.nets`` / ``sfdabench.blocks.training`` for shared building
-blocks), never from the CLI, the run orchestration or another plugin. Each contract is small on purpose
-(the DomainBed lesson): the harness calls exactly the methods documented below and nothing else.
+A plugin module imports from here (and from ``sfdabench.blocks``, e.g. ``sfdabench.blocks.nets`` /
+``sfdabench.blocks.training``, for shared building blocks), never from the CLI, the run orchestration or
+another plugin. Each contract is small on purpose (the DomainBed lesson): the harness calls exactly the methods documented below and nothing else.
 
 Data flow of one run (see README, "Architecture")::
 

@@ -91,7 +91,8 @@ def test_prepared_tensors_are_reused_per_embedding_only(lite):
     first = engine.prepared(a)
     assert engine.prepared(a) is first            # the same slice: computed once
     assert engine.prepared(b) is not first        # another slice: recomputed, never stale
-    assert torch.equal(engine.box_logits(a, np.array([10, 10, 90, 90])), library_logits(lite.model, a, [10, 10, 90, 90]))
+    box = [10, 10, 90, 90]
+    assert torch.equal(engine.box_logits(a, np.array(box)), library_logits(lite.model, a, box))
 
 
 @needs_onnxruntime
@@ -150,7 +151,8 @@ def test_engine_is_named_in_fingerprint_and_rows(lite, lite_onnx, tmp_path):
 
 
 def test_missing_onnxruntime_falls_back_to_torch_in_one_line(monkeypatch, caplog):
-    monkeypatch.setattr(engines, "onnxruntime_missing", lambda: "onnxruntime not installed (pip install onnxruntime onnx)")
+    missing = "onnxruntime not installed (pip install onnxruntime onnx)"
+    monkeypatch.setattr(engines, "onnxruntime_missing", lambda: missing)
     with caplog.at_level(logging.WARNING, logger="sfdabench"):
         backend = LiteMedSamBackend({"checkpoint": None, "engine": "onnxruntime"}, CPU)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]

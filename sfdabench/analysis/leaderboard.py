@@ -322,8 +322,8 @@ def organ_order(rows: pd.DataFrame) -> list[str]:
 def aggregate(rows: pd.DataFrame, allow_mixed: Iterable[str] = (), cases: pd.DataFrame | None = None
               ) -> pd.DataFrame:
     """Per (key, organ): mean, std (ddof=1), n and a 95% t interval over seeds of each metric; ranks among SFDA
-    rows by mean; the paired difference to the lower reference method (``Method.reference``) and significance ranks (sfdabench.analysis.statistics),
-    over the per-case values in ``cases`` where every run has them, else over seeds."""
+    rows by mean; the paired difference to the lower reference method (``Method.reference``) and significance
+    ranks (sfdabench.analysis.statistics), over the per-case values in ``cases`` where every run has them, else over seeds."""
     check_protocol(rows, allow_mixed)
     key = group_key(allow_mixed)
     rows = latest_run_per_seed(rows, key)

@@ -147,9 +147,10 @@ def train_on_pseudo_labels(model: nn.Module, target_train: TargetImages, labels:
     """Train ``model`` (all parameters, train mode) on pseudo-label volumes; :data:`IGNORE` pixels are left out.
 
     ``cfg``: ``batch_size``, ``lr``, ``weight_decay``, ``optimizer``/``betas``/``momentum`` (see
-    :func:`~sfdabench.blocks.training.make_optimizer`), ``loss`` (ce | dice | ce+dice), the budget of :func:`~sfdabench.blocks.training.fit`
-    (``epochs`` with ``lr_step_epochs``/``lr_gamma``, default: constant rate; or ``steps``), ``augment`` (:class:`~sfdabench.blocks.training.Augment`; geometric transforms
-    move the label with the image). A fixed budget; the last model is kept. Returns per-epoch mean losses.
+    :func:`~sfdabench.blocks.training.make_optimizer`), ``loss`` (ce | dice | ce+dice), the budget of
+    :func:`~sfdabench.blocks.training.fit` (``epochs`` with ``lr_step_epochs``/``lr_gamma``, default: constant
+    rate; or ``steps``), ``augment`` (:class:`~sfdabench.blocks.training.Augment`; geometric transforms move the
+    label with the image). A fixed budget; the last model is kept. Returns per-epoch mean losses.
     """
     model.to(context.device).train()
     loss_fn = pseudo_label_loss(str(cfg.get("loss", "ce")))

@@ -49,7 +49,8 @@ class TargetLabelDiagnostics:
         return dice_per_organ(volumes, self.labels, self.organs)
 
     def confusion(self, volumes: Sequence[np.ndarray]) -> dict:
-        """Voxel counts ground truth class -> pseudo-label class (see :func:`sfdabench.harness.evaluation.label_confusion`)."""
+        """Voxel counts ground truth class -> pseudo-label class (see
+        :func:`sfdabench.harness.evaluation.label_confusion`)."""
         return label_confusion(volumes, self.labels, self.organs)
 
     def by_group(self, volumes: Sequence[np.ndarray], groups: Mapping[str, Sequence[Sequence[str]]]) -> dict:

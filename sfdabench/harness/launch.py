@@ -10,8 +10,8 @@ import sys
 from typing import Sequence
 
 from sfdabench.api import SfdaBenchError
-from sfdabench.harness.config import (compose_config, hydra_searchpath_override, parse_run_args, setup_logging, sweep_jobs,
-                              validate_config, validate_overrides)
+from sfdabench.harness.config import (compose_config, hydra_searchpath_override, parse_run_args, setup_logging,
+                                      sweep_jobs, validate_config, validate_overrides)
 
 
 def run(args: Sequence[str], prevalidated: bool = False) -> int:

@@ -210,10 +210,9 @@ class OnnxRuntimeEngine(TorchEngine):
             return paths
         self.directory.mkdir(parents=True, exist_ok=True)
         log.info("sam.engine=onnxruntime: exporting %s once to %s", type(model).__name__, self.directory)
-        cpu = torch.device("cpu")
+        # The model is on the CPU: resolve_engine picks this engine only for a CPU device.
         image = torch.zeros(1, 3, input_size, input_size)
-        encoder = model.image_encoder.to(cpu)
-        decoder = self.decoder.to(cpu)
+        encoder, decoder = model.image_encoder, self.decoder
         with torch.no_grad():
             embedding = encoder(image)
             prepared = decoder.prepare(embedding)
@@ -229,7 +228,6 @@ class OnnxRuntimeEngine(TorchEngine):
                     torch.onnx.export(module, args, f, opset_version=OPSET, dynamo=False, input_names=inputs,
                                       output_names=outputs)
             atomic.write_bytes(paths[name], write)
-        model.to(self.device)
         return paths
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

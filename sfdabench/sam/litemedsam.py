@@ -167,7 +167,8 @@ class TorchSamBackend(SamBackend):
                              f"e.g. sam.channels_last=false")
         engine = str(cfg.get("engine", "torch") or "torch")
         if engine not in ENGINES:
-            raise UsageError(f"sam.engine={engine!r} is not supported; use sam.engine=" + " or sam.engine=".join(ENGINES))
+            raise UsageError(f"sam.engine={engine!r} is not supported; use sam.engine="
+                             + " or sam.engine=".join(ENGINES))
         if engine != "torch" and (precision != "fp32" or cfg.get("channels_last", False)):
             raise UsageError(f"sam.precision={precision} and sam.channels_last apply to the torch engine only; "
                              f"set sam.engine=torch, or sam.precision=fp32 sam.channels_last=false")
