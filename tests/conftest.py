@@ -11,7 +11,8 @@ import pytest
 
 # What test modules share lives in conftest.py (fixtures) and tests/helpers_*.py (plain helpers; importable as
 # conftest is: pytest puts tests/ on sys.path). Their asserts get pytest's detailed failure messages too.
-pytest.register_assert_rewrite("helpers_box_search", "helpers_datasets", "helpers_leaderboard", "helpers_methods")
+pytest.register_assert_rewrite("helpers_box_search", "helpers_datasets", "helpers_ircadb", "helpers_leaderboard",
+                               "helpers_methods")
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA_ENV = "SFDABENCH_SAMPLE_DATA"
@@ -57,9 +58,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def source_model():
-    """A tiny U-Net trained briefly on the synthetic source cases (``helpers_methods``), once per module."""
+    """The suite's one tiny trained source model: a width-4 U-Net trained briefly on the synthetic source
+    cases (``helpers_methods``), once per session, at one thread (the same weights whichever test asks first).
+    Tests adapt a ``copy.deepcopy`` of it."""
     import torch
 
     from helpers_methods import synthetic_cases
@@ -67,9 +70,14 @@ def source_model():
     from sfdabench.blocks.nets import build_segmenter
     from sfdabench.blocks.training import train_supervised
 
-    torch.manual_seed(0)
-    model = build_segmenter({"width": 4, "depth": 2}, 5)
-    cfg = {"epochs": 80, "batch_size": 6, "lr": 1e-2, "loss": "ce+dice", "augment": {"enabled": False}}
-    train_supervised(model, SliceDataset(synthetic_cases(4, 0), labels=True), cfg, device=torch.device("cpu"),
-                     generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = build_segmenter({"width": 4, "depth": 2}, 5)
+        cfg = {"epochs": 80, "batch_size": 6, "lr": 1e-2, "loss": "ce+dice", "augment": {"enabled": False}}
+        train_supervised(model, SliceDataset(synthetic_cases(4, 0), labels=True), cfg, device=torch.device("cpu"),
+                         generator=torch.Generator().manual_seed(0))
+    finally:
+        torch.set_num_threads(threads)
     return model

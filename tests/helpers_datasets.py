@@ -1,9 +1,11 @@
-"""A labelled toy abdomen in the display frame, written out as NIfTI files (any orientation) and in the BTCV raw
-layout, and the real-data adapters built on such files. Shared by tests/test_datasets_real.py and
-tests/test_prepare.py."""
+"""A labelled toy abdomen in the display frame, written out as NIfTI files (any orientation) and in the BTCV,
+CHAOS and AMOS raw layouts, and the real-data adapters built on such files. Shared by tests/test_datasets_real.py,
+tests/test_prepare.py and the dataset contract tests (tests/test_plugin_contracts.py)."""
 from __future__ import annotations
 
 from pathlib import Path
+
+import json
 
 import nibabel as nib
 import numpy as np
@@ -12,6 +14,7 @@ from sfdabench.harness.plugins import get_registry
 
 ORGANS = ["spleen", "right_kidney", "left_kidney", "liver"]           # the task order: labels 1..4
 SPACING = (6.0, 1.5, 1.25)                                            # display frame (z, y, x) mm
+CHAOS_GREY = {1: 252, 2: 126, 3: 189, 4: 63}                          # task label -> CHAOS PNG grey level
 
 
 def adapter(name: str, params: dict, tmp_path: Path, splits: dict | None = None, **domain):
@@ -68,3 +71,64 @@ def write_btcv(root: Path, case: int, flat: bool = False, axcodes=("L", "P", "S"
     write_nifti(image_dir / f"img{case:04d}.nii.gz", image - 1000.0, axcodes)     # HU-like
     write_nifti(label_dir / f"label{case:04d}.nii.gz", native, axcodes, np.int16)
     return image - 1000.0, label
+
+
+def write_chaos_case(root: Path, case_id: int, flip_columns: bool = False, size: int = 24) -> tuple:
+    """CHAOS raw layout: DICOM slices with scrambled file names, PNG masks named by unpadded slice number
+    (so lexicographic order is wrong), instance numbers counting from the most inferior slice."""
+    import pydicom
+    from PIL import Image
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    image, label = toy_abdomen(h=size, w=size)
+    z = image.shape[0]
+    dicom_dir = root / "MR" / str(case_id) / "T2SPIR" / "DICOM_anon"
+    ground_dir = dicom_dir.parent / "Ground"
+    dicom_dir.mkdir(parents=True)
+    ground_dir.mkdir(parents=True)
+    dz, dy, dx = SPACING
+    grey = np.zeros(5, np.uint8)
+    for task_label, value in CHAOS_GREY.items():
+        grey[task_label] = value
+    rng = np.random.default_rng(case_id)
+    for k in range(z):                                   # k = display slice (0 = most superior)
+        pixels, mask = image[k], grey[label[k]]
+        row_cos = [1.0, 0.0, 0.0]                        # columns towards the patient's left (LPS +x)
+        x0 = 0.0
+        if flip_columns:                                 # columns towards the right: mirrored pixels
+            pixels, mask, row_cos, x0 = pixels[:, ::-1], mask[:, ::-1], [-1.0, 0.0, 0.0], (size - 1) * dx
+        instance = z - k                                 # 1 = most inferior
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = MRImageStorage, meta.MediaStorageSOPInstanceUID, "MR"
+        ds.Rows, ds.Columns = pixels.shape
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.PixelSpacing = [dy, dx]
+        ds.ImageOrientationPatient = row_cos + [0.0, 1.0, 0.0]      # rows towards posterior
+        ds.ImagePositionPatient = [x0, 0.0, 100.0 - k * dz]          # superior first in display order
+        ds.InstanceNumber = instance
+        ds.PixelData = np.ascontiguousarray(pixels).astype(np.uint16).tobytes()
+        name = f"{rng.integers(1e9):09d}.dcm"                        # no relation to slice order
+        ds.save_as(str(dicom_dir / name), enforce_file_format=True)
+        Image.fromarray(np.ascontiguousarray(mask)).save(ground_dir / f"IMG-0002-{instance}.png")
+    assert pydicom.dcmread(next(dicom_dir.glob("*.dcm"))).InstanceNumber
+    return image, label
+
+
+def write_amos(root: Path, case: int, folder: str = "Tr") -> tuple:
+    image, label = toy_abdomen()
+    native = np.array([0, 1, 2, 3, 6], np.uint8)[label]
+    write_nifti(root / f"images{folder}" / f"amos_{case:04d}.nii.gz", image, ("R", "A", "S"))
+    write_nifti(root / f"labels{folder}" / f"amos_{case:04d}.nii.gz", native, ("R", "A", "S"), np.uint8)
+    names = {"0": "background", "1": "spleen", "2": "right kidney", "3": "left kidney", "4": "gall bladder",
+             "5": "esophagus", "6": "liver", "7": "stomach", "8": "arota", "9": "postcava", "10": "pancreas",
+             "11": "right adrenal gland", "12": "left adrenal gland", "13": "duodenum", "14": "bladder",
+             "15": "prostate/uterus"}
+    (root / "dataset.json").write_text(json.dumps({"name": "AMOS", "labels": names}))
+    return image, label

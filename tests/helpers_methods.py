@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from sfdabench.api import Case, Context, SamBackend, SamEmbedding
+from sfdabench.api import Case, SamBackend, SamEmbedding
 from sfdabench.harness.config import compose_run_config
 
 ORGANS = ["spleen", "right_kidney", "left_kidney", "liver"]
@@ -70,42 +70,25 @@ def with_changes(cfg, changes):
 
 
 def dfg_cfg(**changes):
-    """dfg.yaml as Hydra composes it (its retraining recipe comes from configs/recipe/), tiny budgets."""
-    cfg = composed_method("dfg")
-    cfg.fa.iterations = 3
-    cfg.fa.batch_size = 4
-    cfg.retrain.epochs = 1
-    cfg.retrain.steps = None              # the epoch budget: one pass
-    cfg.retrain.batch_size = 4
-    return with_changes(cfg, changes)
+    """dfg.yaml as Hydra composes it under preset=test (its retraining recipe comes from configs/recipe/;
+    budgets capped by run.yaml's budget_cap)."""
+    return with_changes(composed_method("dfg", "preset=test"), changes)
 
 
-def make_context(tmp_path, labels, sam=None, images=None):
-    """A Context as the harness builds it: target-label diagnostics of these labels; with ``images`` (the
-    slices the labels belong to) also the box-prompt ceilings."""
-    from sfdabench.harness.label_diagnostics import TargetLabelDiagnostics
+def make_context(tmp_path, labels, sam=None, images=None, allow_labels=False):
+    """The Context the harness builds (``adaptation_context``) for a target of these labels: target-label
+    diagnostics of them; with ``images`` (the slices the labels belong to) also the box-prompt ceilings."""
+    from sfdabench.harness.protocol import adaptation_context
 
     slices = images if images is not None else [np.zeros(lab.shape, np.float32) for lab in labels]
     cases = [Case(str(i), im, lab, (1.0, 1.0, 1.0)) for i, (im, lab) in enumerate(zip(slices, labels))]
-    diagnostics = TargetLabelDiagnostics(cases, ORGANS, box_prompts=images is not None)
     sam = sam or ThresholdSam()
-    ctx = Context(device=torch.device("cpu"), seed=0, cache_dir=tmp_path / "cache", run_dir=tmp_path / "run",
-                  organs=ORGANS, sam_factory=lambda: sam, target_labels=diagnostics, progress=False)
+    ctx = adaptation_context(cases, ORGANS, device=torch.device("cpu"), seed=0, cache_dir=tmp_path / "cache",
+                             run_dir=tmp_path / "run", sam_factory=lambda: sam, allow_labels=allow_labels,
+                             progress=False, box_prompts=images is not None)
     return ctx, sam
 
 
-def shrink_budget(node) -> None:
-    for key in list(node.keys()):
-        value = node[key]
-        if OmegaConf.is_dict(value):
-            shrink_budget(value)
-        elif key in ("epochs", "iterations") or (key == "steps" and value is not None):
-            node[key] = min(int(value), 2)
-        elif key == "batch_size":
-            node[key] = 4
-
-
 def method_config(name: str):
-    method_cfg = composed_method(name, "preset=test")
-    shrink_budget(method_cfg)
-    return method_cfg
+    """configs/method/<name>.yaml under preset=test: every budget capped (run.yaml ``budget_cap``)."""
+    return composed_method(name, "preset=test")

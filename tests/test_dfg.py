@@ -42,8 +42,9 @@ def test_fa_freezes_the_classifier_and_trains_the_rest(tmp_path, source_model):
     before = copy.deepcopy(model.state_dict())
     target = synthetic_cases(2, 5)
     ctx, _ = make_context(tmp_path, [c.label for c in target])
-    losses = feature_aggregation(model, TargetImages(target), dfg_cfg().fa, ctx)
-    assert len(losses) == 3 and all(np.isfinite(losses))
+    fa_cfg = dfg_cfg().fa
+    losses = feature_aggregation(model, TargetImages(target), fa_cfg, ctx)
+    assert len(losses) == fa_cfg.iterations == 2 and all(np.isfinite(losses))
     after = model.state_dict()
     assert torch.equal(before["classifier.weight"], after["classifier.weight"])
     assert not torch.equal(before["inc.0.weight"], after["inc.0.weight"])

@@ -250,7 +250,48 @@ def compose_config(overrides: Sequence[str]) -> Any:
         OmegaConf.resolve(cfg)  # a bad interpolation is a usage error now, not a traceback later
     except (HydraException, OmegaConfBaseException) as exc:
         raise _composition_error(exc, overrides) from None
+    cap_budgets(cfg)
     return cfg
+
+
+#: The method-config keys ``budget_cap`` caps (run.yaml): a method names its budgets so.
+BUDGET_KEYS = ("epochs", "iterations", "steps")
+
+
+def cap_budgets(cfg: Any) -> bool:
+    """Apply ``cfg.budget_cap`` to ``cfg.method`` in place (idempotent); True when a value changed."""
+    from omegaconf import OmegaConf, open_dict
+
+    cap = cfg.get("budget_cap") or {}
+    steps, batch = cap.get("steps"), cap.get("batch_size")
+    for key, value in (("budget_cap.steps", steps), ("budget_cap.batch_size", batch)):
+        if value is not None and (not _is_int(value) or value < 1):
+            raise UsageError(f"{key} must be a positive integer or null, got {value!r}; e.g. {key}=2")
+    if (steps is None and batch is None) or cfg.get("method") is None:
+        return False
+
+    def cap_node(node) -> bool:
+        changed = False
+        for key in list(node.keys()):
+            value = node[key]
+            limit = steps if key in BUDGET_KEYS else batch if key == "batch_size" else None
+            if isinstance(value, Mapping):
+                changed |= cap_node(value)
+            elif limit is not None and _is_int(value) and value > limit:
+                node[key] = limit
+                changed = True
+        return changed
+
+    # A resolved copy: a method key that interpolates another block (the oracle's ``recipes.source: ${source}``)
+    # must be capped in the method's copy, never in the block itself (the shared source model).
+    method = OmegaConf.to_container(cfg["method"], resolve=True) if OmegaConf.is_config(cfg["method"]) \
+        else cfg["method"]
+    if not cap_node(method):
+        return False
+    if OmegaConf.is_config(cfg):
+        with open_dict(cfg):
+            cfg["method"] = OmegaConf.create(method)
+    return True
 
 
 def _composition_error(exc: Exception, overrides: Sequence[str]) -> UsageError:

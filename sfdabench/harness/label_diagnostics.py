@@ -39,10 +39,10 @@ class TargetLabelDiagnostics:
         self.progress = progress
 
     @classmethod
-    def of(cls, cases: Sequence[Case], organs: Sequence[str], progress: Callable | None = None
-           ) -> "TargetLabelDiagnostics | None":
+    def of(cls, cases: Sequence[Case], organs: Sequence[str], progress: Callable | None = None,
+           box_prompts: bool = True) -> "TargetLabelDiagnostics | None":
         """The service for ``cases``, or None when a case has no label (nothing to measure against)."""
-        return cls(cases, organs, progress) if all(c.label is not None for c in cases) else None
+        return cls(cases, organs, progress, box_prompts) if all(c.label is not None for c in cases) else None
 
     def dice(self, volumes: Sequence[np.ndarray]) -> dict[str, float]:
         """Dice per organ and ``mean`` (see :func:`sfdabench.harness.evaluation.dice_per_organ`)."""

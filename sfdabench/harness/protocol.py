@@ -97,9 +97,10 @@ def execute(cfg: Mapping[str, Any], registry: Registry | None = None) -> dict[st
     The whole config is validated first (sfdabench.harness.config.validate_config). A run that fails or is
     interrupted (Ctrl-C) leaves no run folder behind: relaunching redoes it anyway, and a half-written folder
     would only mislead readers. Finished runs, cached source models and SAM embeddings are kept."""
-    from sfdabench.harness.config import validate_config
+    from sfdabench.harness.config import cap_budgets, validate_config
 
     registry = registry or get_registry()
+    cap_budgets(cfg)  # a Hydra job's config is composed by Hydra, not by compose_config
     validate_config(cfg, registry)
     run_dirs: list[Path] = []
     flushing_before = flushes_denormals()
@@ -211,17 +212,28 @@ def _load(run: Run):
     return progress
 
 
+def adaptation_context(target_train: list[Case], organs: list[str], *, device: torch.device, seed: int,
+                       cache_dir: Path, run_dir: Path, sam_factory, allow_labels: bool = False,
+                       progress: bool = True, log_progress=None, box_prompts: bool = True) -> Context:
+    """The Context a method adapts with: its devices and dirs, a lazy SAM, and the target-label diagnostics of
+    ``target_train`` (labels the method never sees; none for an unlabelled target). The one place a Context is
+    built, so tests use it too."""
+    diagnostics = TargetLabelDiagnostics.of(target_train, organs, log_progress, box_prompts)
+    return Context(device=device, seed=seed, cache_dir=cache_dir, run_dir=run_dir, organs=list(organs),
+                   sam_factory=sam_factory, target_labels=diagnostics, allow_labels=allow_labels,
+                   progress=progress)
+
+
 def _adapt(run: Run, progress) -> tuple[torch.nn.Module, Context]:
     """The method adapts a copy of the source model to the target-train images (no labels)."""
     cfg, registry, device, cache_dir, sam = run.cfg, run.registry, run.device, run.cache_dir, run.sam
     target_train = run.task.target.splits["train"]
-    context = Context(
-        device=device, seed=run.seed, cache_dir=cache_dir, run_dir=run.run_dir, organs=run.task.organs,
+    context = adaptation_context(
+        target_train, run.task.organs, device=device, seed=run.seed, cache_dir=cache_dir, run_dir=run.run_dir,
         sam_factory=(lambda: sam) if sam is not None else lambda: _build_sam(cfg["sam"], registry, device,
                                                                              cache_dir),
-        # measured against target-train labels the method never sees; none for an unlabelled target
-        target_labels=TargetLabelDiagnostics.of(target_train, run.task.organs, progress),
-        allow_labels=run.method_cls.uses_target_labels, progress=bool(cfg.get("progress", True)))
+        allow_labels=run.method_cls.uses_target_labels, progress=bool(cfg.get("progress", True)),
+        log_progress=progress)
     seed_everything(run.seed)
     t0 = time.perf_counter()
     adapted = run.method.adapt(copy.deepcopy(run.source.model).to(device), TargetImages(target_train), context)
