@@ -73,13 +73,30 @@ def write_btcv(root: Path, case: int, flat: bool = False, axcodes=("L", "P", "S"
     return image - 1000.0, label
 
 
+def dicom_slice(sop_class: str, modality: str, shape: tuple):
+    """A minimal single-frame greyscale DICOM dataset (file meta, UIDs, size) that the caller completes with
+    pixel format, geometry and PixelData."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = sop_class, meta.MediaStorageSOPInstanceUID, modality
+    ds.Rows, ds.Columns = shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    return ds
+
+
 def write_chaos_case(root: Path, case_id: int, flip_columns: bool = False, size: int = 24) -> tuple:
     """CHAOS raw layout: DICOM slices with scrambled file names, PNG masks named by unpadded slice number
     (so lexicographic order is wrong), instance numbers counting from the most inferior slice."""
     import pydicom
     from PIL import Image
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+    from pydicom.uid import MRImageStorage
 
     image, label = toy_abdomen(h=size, w=size)
     z = image.shape[0]
@@ -99,16 +116,8 @@ def write_chaos_case(root: Path, case_id: int, flip_columns: bool = False, size:
         if flip_columns:                                 # columns towards the right: mirrored pixels
             pixels, mask, row_cos, x0 = pixels[:, ::-1], mask[:, ::-1], [-1.0, 0.0, 0.0], (size - 1) * dx
         instance = z - k                                 # 1 = most inferior
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MRImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = MRImageStorage, meta.MediaStorageSOPInstanceUID, "MR"
-        ds.Rows, ds.Columns = pixels.shape
+        ds = dicom_slice(MRImageStorage, "MR", pixels.shape)
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.PixelSpacing = [dy, dx]
         ds.ImageOrientationPatient = row_cos + [0.0, 1.0, 0.0]      # rows towards posterior
         ds.ImagePositionPatient = [x0, 0.0, 100.0 - k * dz]          # superior first in display order

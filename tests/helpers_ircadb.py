@@ -11,6 +11,8 @@ import numpy as np
 
 from sfdabench.harness.plugins import get_registry
 
+from helpers_datasets import dicom_slice
+
 ORGANS = ["spleen", "right_kidney", "left_kidney", "liver"]           # the task order: labels 1..4
 STRUCTURES = {1: "spleen", 2: "rightkidney", 3: "leftkidney", 4: "liver"}   # task label -> IRCAD folder
 DZ, DXY = 1.6, 0.57
@@ -44,18 +46,9 @@ def toy_abdomen(z: int = 12, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
 def dicom_bytes(pixels: np.ndarray, k: int, mask: bool) -> bytes:
     """One slice as IRCAD writes it: IOP [1,0,0,0,1,0], IPP [0, 0, 1.6 k], InstanceNumber k; CT int16 with
     RescaleIntercept -1024 (so HU need the modality LUT), masks uint8 0/255."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import CTImageStorage
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, meta.MediaStorageSOPInstanceUID, "CT"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds = dicom_slice(CTImageStorage, "CT", pixels.shape)
     ds.PixelSpacing = [DXY, DXY]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.ImagePositionPatient = [0, 0, round(DZ * k, 4)]
