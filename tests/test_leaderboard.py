@@ -569,6 +569,7 @@ def test_compare_uses_the_seeds_both_sides_have(tmp_path):
     ("leaderboard", ("phantom_mri2ct", "phantom_ct2mri"), "leaderboard_summary"),
     ("leaderboard", ("sample_mri2ct",), "sample_mri2ct_summary"),
     ("leaderboard/archive/sample-1000steps-3d40965", ("sample_mri2ct",), "sample_mri2ct_summary"),
+    ("leaderboard/archive/sample-2000steps-82864f5", ("sample_mri2ct",), "sample_mri2ct_summary"),
     ("leaderboard/archive/128px-4cases-58b5811", ("phantom_mri2ct", "phantom_ct2mri"), "leaderboard_summary"),
     ("leaderboard/archive/epoch-budgets-1839641", ("phantom_mri2ct", "phantom_ct2mri"), "leaderboard_summary")])
 def test_committed_reference_rows_reproduce_the_committed_summary(tmp_path, folder, tasks, summary):

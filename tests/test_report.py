@@ -98,3 +98,25 @@ def test_report_of_a_folder_that_is_not_a_run_is_one_line(tmp_path):
     out = run_cli("report", str(tmp_path), cwd=tmp_path)
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "is not a finished run folder" in out.stderr
+
+
+def test_box_search_figures_in_subfolders_reach_the_page_flat(dfg_run, tmp_path):
+    """Runs of combined tasks (case ids '<part>/<case>') once saved figures in per-part subfolders: the page
+    still shows them, under flat names, so no figure of a real-CT run is silently left out."""
+    run = tmp_path / "run"
+    shutil.copytree(dfg_run, run, ignore=shutil.ignore_patterns("report"))
+    nested = run / "figures" / "amos"
+    nested.mkdir(parents=True)
+    shutil.copy2(next((run / "figures").glob("*.png")), nested / "0018_z026_liver.png")
+    out = run_cli("report", str(run), "--out", str(tmp_path / "page"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = (tmp_path / "page" / "index.html").read_text()
+    assert "<img src='figures/amos_0018_z026_liver.png'" in text
+    assert (tmp_path / "page" / "figures" / "amos_0018_z026_liver.png").stat().st_size > 1000
+
+
+def test_figure_stems_are_flat_for_combined_case_ids():
+    from sfdabench_methods.dfg.pseudo_labels import figure_stem
+
+    assert figure_stem("amos/0018", 26) == "amos_0018_z026"
+    assert figure_stem("case3", 4) == "case3_z004"

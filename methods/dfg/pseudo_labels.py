@@ -78,7 +78,7 @@ def refine_pseudo_labels(model: nn.Module, target_train: TargetImages, search_cf
                     thresholds[context.organs[c - 1]].append(trace.mbs_threshold)
             if index in draw:
                 _save_figures(context.run_dir / "figures", image, result, context.organs,
-                              f"{target_train.case_ids[ci]}_z{z:03d}")
+                              figure_stem(target_train.case_ids[ci], z))
             index += 1
     stats = {
         "search": cfg.search, "stage3": cfg.stage3, "slices": index,
@@ -109,6 +109,11 @@ def _count(result: SliceResult, organs, outcomes, totals) -> None:
         outcomes[organs[c - 1]][outcome_key(trace)] += 1
     totals["decoder_calls"] += result.decoder_calls
     totals["cache_hits"] += result.cache_hits
+
+
+def figure_stem(case_id: str, z: int) -> str:
+    """A flat file stem for one slice: case ids of combined tasks are '<part>/<case>' and must not nest folders."""
+    return f"{case_id.replace('/', '_')}_z{z:03d}"
 
 
 def _save_figures(folder: Path, image: np.ndarray, result: SliceResult, organs, stem: str) -> None:

@@ -388,15 +388,17 @@ def render(run: Mapping[str, Any], out: Path, max_cases: int) -> Path:
                         "target-train pixels the argmax gives each class, before and after adaptation: needs no "
                         "label, and shows a collapse (organs vanishing, or painted over the background).</p>"
                         + _table(pd.DataFrame(shares).T.rename_axis("model"), digits=4))
-    figures = sorted((Path(run["dir"]) / "figures").glob("*.png"))
+    figure_dir = Path(run["dir"]) / "figures"
+    figures = sorted(figure_dir.rglob("*.png"))   # rglob: runs of combined tasks once nested them by part
     if figures:
         (out / "figures").mkdir(exist_ok=True)
         part = ["<h2>Box search</h2><p class='note'>Successive numbered boxes, the final mask and the changed "
                 "pixels per step, as the method drew them.</p>"]
         for fig in figures:
-            shutil.copy2(fig, out / "figures" / fig.name)
-            part.append(f"<figure><img src='figures/{html.escape(fig.name)}' alt='{html.escape(fig.stem)}'>"
-                        f"<figcaption>{html.escape(fig.stem)}</figcaption></figure>")
+            name = "_".join(fig.relative_to(figure_dir).parts)
+            shutil.copy2(fig, out / "figures" / name)
+            part.append(f"<figure><img src='figures/{html.escape(name)}' alt='{html.escape(name[:-4])}'>"
+                        f"<figcaption>{html.escape(name[:-4])}</figcaption></figure>")
         sections.append("".join(part))
     sections.append("<h2>Timings</h2>" + _table(_timings_table(s), digits=1))
     if len(run["per_case"]):
