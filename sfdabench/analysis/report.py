@@ -397,8 +397,8 @@ def render(run: Mapping[str, Any], out: Path, max_cases: int) -> Path:
         for fig in figures:
             name = "_".join(fig.relative_to(figure_dir).parts)
             shutil.copy2(fig, out / "figures" / name)
-            part.append(f"<figure><img src='figures/{html.escape(name)}' alt='{html.escape(name[:-4])}'>"
-                        f"<figcaption>{html.escape(name[:-4])}</figcaption></figure>")
+            part.append(f"<figure><img src='figures/{html.escape(name)}' alt='{html.escape(Path(name).stem)}'>"
+                        f"<figcaption>{html.escape(Path(name).stem)}</figcaption></figure>")
         sections.append("".join(part))
     sections.append("<h2>Timings</h2>" + _table(_timings_table(s), digits=1))
     if len(run["per_case"]):
