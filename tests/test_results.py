@@ -54,6 +54,26 @@ def test_config_hash_ignores_output_locations():
     assert config_hash(a) != config_hash({**a, "seed": 1})
 
 
+def test_a_run_id_names_what_a_run_computes_not_where_its_data_lie(monkeypatch):
+    """Two spellings (or machines) of the sample data's folder give one run id; a setting of the data does not."""
+    from omegaconf import OmegaConf
+
+    from sfdabench.harness.config import compose_config
+
+    def run_id(root: str, *overrides: str) -> str:
+        monkeypatch.setenv("SFDABENCH_SAMPLE_DATA", root)
+        cfg = compose_config(["task=sample_mri2ct", "method=source_only", "seed=1", *overrides])
+        return config_hash(OmegaConf.to_container(cfg, resolve=True))
+
+    here = run_id("/work/shared/data")
+    assert run_id("../shared/data") == here == run_id("/elsewhere/data", "data.amos.root=/x")
+    assert run_id("/work/shared/data", "task.size=96") != here
+    nested = {"task": {"source": {"params": {"root": "/a", "window": [0, 1]}}}}
+    moved = {"task": {"source": {"params": {"root": "/b", "window": [0, 1]}}}}
+    assert config_hash(nested) == config_hash(moved)
+    assert config_hash(nested) != config_hash({"task": {"source": {"params": {"root": "/a", "window": [0, 2]}}}})
+
+
 def _records(text: str) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(text, newline="")))
 

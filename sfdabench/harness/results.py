@@ -45,10 +45,29 @@ def stable_hash(obj: Any, n: int = 12) -> str:
     return hashlib.sha1(json.dumps(_plain(obj), sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
+#: Top-level config keys that say where a run's inputs and outputs live, or how it is shown and threaded, not
+#: what it computes (``data``: the dataset roots of run.yaml).
+NOT_IN_RUN_ID = ("results_dir", "cache_dir", "progress", "hydra", "num_threads", "data")
+#: Keys left out at any depth: dataset locations (``task.source.params.root``, ...).
+LOCATION_KEYS = ("root",)
+
+
 def config_hash(resolved: Mapping[str, Any]) -> str:
-    """Stable hash of a resolved config (keys sorted), ignoring where results go and CPU thread count."""
-    return stable_hash({k: v for k, v in resolved.items()
-                        if k not in ("results_dir", "cache_dir", "progress", "hydra", "num_threads")})
+    """The run id: a stable hash of the resolved config without its locations (:data:`NOT_IN_RUN_ID`, and every
+    :data:`LOCATION_KEYS` key at any depth). The data a run reads are named by the task's dataset settings and
+    case ids, not by where they lie, as for the source-model and prepared-data keys; with the roots in the hash
+    the same run had another id on each machine (or spelling of ``SFDABENCH_SAMPLE_DATA``), so a sweep could
+    not resume, nor its finished runs be recognised, on another machine."""
+    def what_it_computes(node: Any) -> Any:
+        if isinstance(node, Mapping):
+            return {k: what_it_computes(v) for k, v in node.items() if k not in LOCATION_KEYS}
+        if isinstance(node, (list, tuple)):
+            return [what_it_computes(v) for v in node]
+        return node
+
+    from sfdabench.api import _plain
+
+    return stable_hash(what_it_computes({k: v for k, v in _plain(resolved).items() if k not in NOT_IN_RUN_ID}))
 
 
 def git_revision() -> str:
