@@ -80,9 +80,9 @@ def _broken_site(tmp_path: Path) -> Path:
     return site
 
 
-def test_a_third_party_metric_flows_into_rows_tables_ranks_and_compare(example_plugin, plugin_cache, tmp_path):
+def test_a_third_party_metric_flows_into_rows_tables_ranks_compare_and_report(example_plugin, plugin_cache, tmp_path):
     """A metric plugin's column reaches the rows, the summary (ranked by its own direction: lower is better),
-    the Markdown table and compare, with no change to sfdabench."""
+    the Markdown table, compare and the run report, with no change to sfdabench."""
     env = {"PYTHONPATH": str(example_plugin)}
     results = tmp_path / "res"
     out = run_cli("run", "-m", "method=source_only,example_bnstats", "metrics.names=[dice,asd,hd95,abs_volume_error]",
@@ -103,6 +103,14 @@ def test_a_third_party_metric_flows_into_rows_tables_ranks_and_compare(example_p
     assert "abs_volume_error (lower is better)" in out.stdout and "Δ abs_volume_error" in out.stdout
     out = run_cli("compare", str(results), str(results), "--metric", "abs_volume_error", cwd=tmp_path)
     assert out.returncode == 2 and "invalid choice: 'abs_volume_error'" in out.stderr  # plugin not installed
+    run_dir = next((results / "runs").glob("*__example_bnstats__*"))
+    out = run_cli("report", str(run_dir), "--out", str(tmp_path / "page"), cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    page = (tmp_path / "page" / "index.html").read_text()
+    metrics_table = page.split("Target-test metrics per organ", 1)[1].split("</table>", 1)[0]
+    per_case_table = page.split("<h2>Per case</h2>", 1)[1]
+    assert "abs_volume_error" in metrics_table and "abs_volume_error" in per_case_table
+    assert "ASD and HD95 in voxel" in page or "ASD and HD95 in mm" in page
 
 
 def test_a_third_party_package_adds_a_subcommand(example_plugin, tmp_path):

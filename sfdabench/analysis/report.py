@@ -343,13 +343,16 @@ def render(run: Mapping[str, Any], out: Path, max_cases: int) -> Path:
                     f'<p class="note" id="image-status"></p>')
     sections.append("<h2>Protocol</h2>" + _table(_facts(run)))
     organs = list((run["config"].get("task") or {}).get("organs") or [])
-    metrics = _metrics_table(s, organs, run_metrics(run))
-    unit = html.escape(str(s.get("asd_unit", "")))
+    names = run_metrics(run)
+    metrics = _metrics_table(s, organs, names)
+    distances = [metric_catalogue.label(m) for m in names if metric_catalogue.spatial(m)]
+    unit = f"; {' and '.join(distances)} in {s.get('asd_unit', '')}" if distances else ""
     sections.append(f"<h2>Target-test metrics per organ</h2><p class='note'>Mean over test volumes; mean = mean of "
-                    f"organ means; ASD and HD95 in {unit}.</p>" + _table(metrics))
+                    f"organ means{html.escape(unit)}.</p>" + _table(metrics))
     shown, note = overlays(run, out, max_cases)
+    head = html.escape(metric_catalogue.label(names[0] if names else "dice"))
     part = ["<h2>Prediction vs ground truth</h2><p class='note'>Filled: ground truth; line: prediction. "
-            "Cases from worst to best by mean Dice; per case the worst and best slice by Dice and the slice "
+            f"Cases from worst to best by mean {head}; per case the worst and best slice by Dice and the slice "
             "with the largest ground-truth area.</p>"]
     if note:
         part.append(f"<p class='note'>{html.escape(note)}</p>")
