@@ -153,3 +153,23 @@ def test_quality_by_slice_group_pools_the_pixels_of_each_group():
     empty = quality_by_slice_group([np.zeros((1, 2, 2), np.uint8)], [np.zeros((1, 2, 2), np.uint8)], organs,
                                    {"b": [["z"]]})["b"]["z"]
     assert np.isnan(empty["recall"]) and np.isnan(empty["precision"]) and np.isnan(empty["dice"])
+
+
+def test_pseudo_label_dice_is_the_dice_metric_averaged_over_volumes():
+    """The diagnostic's Dice is the rows' Dice: per volume 2|A∩B|/(|A|+|B|), an organ absent from both volumes
+    left out of its mean (NaN when absent everywhere), one empty side scoring 0."""
+    rng = np.random.default_rng(0)
+    pred = [rng.integers(0, 3, (3, 8, 8)).astype(np.uint8) for _ in range(2)]
+    gt = [rng.integers(0, 3, (3, 8, 8)).astype(np.uint8) for _ in range(2)]
+    pred[1][pred[1] == 2], gt[1][gt[1] == 2] = 0, 0          # organ 2 absent from both volumes of case 1
+    pred[0][pred[0] == 1] = 0                                  # organ 1 missed in case 0: Dice 0 there
+    organs = ["a", "b", "c"]
+    got = dice_per_organ(pred, gt, organs)
+
+    def plain(p, g):
+        return 2.0 * np.logical_and(p, g).sum() / (p.sum() + g.sum())
+
+    assert got["a"] == pytest.approx(np.mean([0.0, plain(pred[1] == 1, gt[1] == 1)]), abs=0)
+    assert got["b"] == pytest.approx(plain(pred[0] == 2, gt[0] == 2), abs=0)
+    assert np.isnan(got["c"])
+    assert got["mean"] == pytest.approx(np.mean([got["a"], got["b"]]), abs=0)

@@ -61,15 +61,16 @@ def evaluate(model: nn.Module, cases: Sequence[Case], organs: Sequence[str], met
 
 def dice_per_organ(predictions: Sequence[np.ndarray], labels: Sequence[np.ndarray], organs: Sequence[str]
                    ) -> dict[str, float]:
-    """Mean 3D Dice per organ (and ``mean``) of label volumes: the pseudo-label quality diagnostic."""
+    """Mean 3D Dice per organ (and ``mean``) of label volumes: the pseudo-label quality diagnostic. Per volume
+    the Dice metric itself (:class:`sfdabench.metrics.dice.Dice`; an organ absent from both volumes is NaN and
+    left out of the mean, as in the rows)."""
+    from sfdabench.metrics.dice import Dice
+
+    dice, unit = Dice(), (1.0, 1.0, 1.0)   # Dice does not use the spacing
     out = {}
     for k, organ in enumerate(organs, start=1):
-        scores = []
-        for p, g in zip(predictions, labels):
-            a, b = p == k, g == k
-            denom = a.sum() + b.sum()
-            if denom:
-                scores.append(2.0 * np.logical_and(a, b).sum() / denom)
+        scores = [dice(p == k, g == k, unit) for p, g in zip(predictions, labels)]
+        scores = [v for v in scores if not np.isnan(v)]
         out[organ] = float(np.mean(scores)) if scores else float("nan")
     out["mean"] = float(np.nanmean([out[o] for o in organs])) if organs else float("nan")
     return out
